@@ -1,0 +1,1 @@
+"""Synthesis-based training of SynthSeg-MONAI networks (Cornucopia + MONAI + DDP)."""
