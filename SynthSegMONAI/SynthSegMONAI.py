@@ -1,0 +1,532 @@
+"""SynthSegMONAI: SynthSeg brain MRI segmentation (any contrast, any resolution) in 3D Slicer.
+
+The widget is thin: everything that touches data lives in the Qt-free
+``SynthSegMONAISlicerLib`` package; inference runs in a child process with Slicer's Python
+(the engine's command line), so the GUI stays responsive and Cancel can stop it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from SynthSegMONAISlicerLib import dependencies, models, parameters
+from SynthSegMONAISlicerLib.segment_job import (
+    JobState,
+    SegmentationError,
+    SegmentationJob,
+    SegmentationResult,
+    SegmentOptions,
+)
+from SynthSegMONAISlicerLib.statistics_table import export_csv
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+TERMINOLOGY_FILE = os.path.join(MODULE_DIR, "Resources", "SynthSegMONAI.term.json")
+
+CITATION = (
+    "B Billot, DN Greve, O Puonti, A Thielscher, K Van Leemput, B Fischl, AV Dalca, "
+    "JE Iglesias. SynthSeg: Segmentation of brain MRI scans of any contrast and resolution "
+    "without retraining. Medical Image Analysis 86, 102789 (2023).<br>"
+    "B Billot, C Magdamo, Y Cheng, SE Arnold, S Das, JE Iglesias. Robust machine learning "
+    "segmentation for large-scale analysis of heterogeneous clinical brain MRI datasets. "
+    "PNAS 120(9), e2216399120 (2023)."
+)
+
+
+class SynthSegMONAI(ScriptedLoadableModule):
+    """Module description shown in Slicer's module list and help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "SynthSeg MONAI"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SynthSeg-MONAI contributors"]
+        self.parent.helpText = (
+            "Segments the brain into 32 structures (plus CSF) from an MRI of any contrast and "
+            "resolution, with SynthSeg running on PyTorch/MONAI.<br><br>"
+            "<b>How to:</b> 1. load a brain MRI; 2. pick it as <i>Input volume</i>; 3. choose a "
+            "model (or import FreeSurfer's <tt>synthseg_2.0.h5</tt> once with <i>Import SynthSeg "
+            ".h5 from FreeSurfer...</i>); 4. click <b>Segment</b>. The result is a segmentation "
+            "named after the input, with FreeSurfer names, colours, label values and SNOMED "
+            "codes, and a table of structure volumes (mm<sup>3</sup>, mL, % of intracranial "
+            "volume). Click <b>Cancel</b> to stop a run.<br><br>"
+            "From Python: <tt>import SynthSegMONAI; seg, table = "
+            "SynthSegMONAI.SynthSegMONAILogic().segment(volumeNode)</tt>.<br><br>"
+            "If you use SynthSeg in your work, please cite:<br>" + CITATION
+        )
+        self.parent.acknowledgementText = (
+            "SynthSeg was developed by Benjamin Billot, Juan Eugenio Iglesias and colleagues "
+            "(Martinos Center, MGH / Harvard Medical School; University College London). This "
+            "extension re-implements its inference on PyTorch and MONAI; it builds on 3D Slicer "
+            "and the SlicerPyTorch extension.")
+        if hasattr(slicer, "app") and hasattr(slicer.app, "connect"):
+            slicer.app.connect("startupCompleted()", registerTerminology)
+
+
+def registerTerminology() -> None:
+    """Load the module's terminology file (structures without a DICOM master list code)."""
+    try:
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(TERMINOLOGY_FILE)
+    except AttributeError:
+        logging.debug("Terminologies module not available: custom terminology not loaded")
+
+
+class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin Qt panel over :class:`SynthSegMONAILogic`; drives a job's state machine."""
+
+    ADD_MODEL = "__add_model_file__"
+    IMPORT_H5 = "__import_h5__"
+    DEFAULT_MODEL = ""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: SynthSegMONAILogic | None = None
+        self._parameterNode = None
+        self._updatingGUI = False
+        self._job: SegmentationJob | None = None
+        self._state = JobState.IDLE
+        self._timer = None
+
+    # --- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynthSegMONAI.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SynthSegMONAILogic()
+
+        for text, value in (("Auto (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda")):
+            self.ui.deviceComboBox.addItem(text, value)
+        for text, value in (("Input volume's grid", "input"), ("1 mm (SynthSeg grid)", "synthseg")):
+            self.ui.outputGridComboBox.addItem(text, value)
+        self.refreshModels()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self.onTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
+                         self.ui.outputTableSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.outputSegmentationSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.fastCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.threadsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.outputGridComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.openModelFolderButton.connect("clicked(bool)", self.onOpenModelFolder)
+
+        self.initializeParameterNode()
+        self.setState(JobState.IDLE)
+
+    def cleanup(self) -> None:
+        if self._job is not None and self._state is JobState.SEGMENTING:
+            self._job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and self._state is JobState.SEGMENTING:
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # --- parameter node ------------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        node = self.logic.getParameterNode()
+        if not node.GetNodeReference(parameters.INPUT_VOLUME):
+            volume = self.logic.defaultInputVolume()
+            if volume is not None:
+                node.SetNodeReferenceID(parameters.INPUT_VOLUME, volume.GetID())
+        self.setParameterNode(node)
+
+    def setParameterNode(self, node) -> None:
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = node
+        if node is not None:
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            node = self._parameterNode
+            options = parameters.load_options(node)
+            self.ui.inputVolumeSelector.setCurrentNode(node.GetNodeReference(parameters.INPUT_VOLUME))
+            self.ui.outputSegmentationSelector.setCurrentNode(
+                node.GetNodeReference(parameters.OUTPUT_SEGMENTATION))
+            self.ui.outputTableSelector.setCurrentNode(node.GetNodeReference(parameters.OUTPUT_TABLE))
+            index = self.ui.modelComboBox.findData(options.model)
+            self.ui.modelComboBox.setCurrentIndex(max(index, 0))
+            self.ui.fastCheckBox.checked = options.fast
+            self.ui.deviceComboBox.setCurrentIndex(max(self.ui.deviceComboBox.findData(options.device), 0))
+            self.ui.threadsSpinBox.value = options.threads
+            self.ui.outputGridComboBox.setCurrentIndex(
+                max(self.ui.outputGridComboBox.findData(options.output_grid), 0))
+            self.ui.exportTableButton.enabled = node.GetNodeReference(parameters.OUTPUT_TABLE) is not None
+            self._updateApplyButton()
+        finally:
+            self._updatingGUI = False
+
+    def updateParameterNodeFromGUI(self, *args) -> None:
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        node = self._parameterNode
+        was = node.StartModify()
+        try:
+            for role, selector in ((parameters.INPUT_VOLUME, self.ui.inputVolumeSelector),
+                                   (parameters.OUTPUT_SEGMENTATION, self.ui.outputSegmentationSelector),
+                                   (parameters.OUTPUT_TABLE, self.ui.outputTableSelector)):
+                node.SetNodeReferenceID(role, selector.currentNodeID)
+            parameters.save_options(node, self.currentOptions())
+        finally:
+            node.EndModify(was)
+
+    def currentOptions(self) -> SegmentOptions:
+        model = self.ui.modelComboBox.currentData
+        return SegmentOptions(
+            model=model if model not in (self.ADD_MODEL, self.IMPORT_H5, None) else "",
+            fast=self.ui.fastCheckBox.checked,
+            device=self.ui.deviceComboBox.currentData or "auto",
+            threads=self.ui.threadsSpinBox.value,
+            output_grid=self.ui.outputGridComboBox.currentData or "input",
+        )
+
+    # --- models --------------------------------------------------------------------------
+    def refreshModels(self, select: str | None = None) -> None:
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            combo.clear()
+            combo.addItem("Default model", self.DEFAULT_MODEL)
+            try:
+                for name, path in models.list_models():
+                    combo.addItem(name, str(path))
+            except ImportError:
+                self.ui.modelInfoLabel.text = ("Python packages not installed yet: they will be "
+                                               "installed when you click Segment.")
+            combo.insertSeparator(combo.count)
+            combo.addItem("Add model file...", self.ADD_MODEL)
+            combo.addItem("Import SynthSeg .h5 from FreeSurfer...", self.IMPORT_H5)
+            if select is not None:
+                combo.setCurrentIndex(max(combo.findText(select), 0))
+        finally:
+            combo.blockSignals(wasBlocked)
+
+    def onModelChanged(self, index: int) -> None:
+        data = self.ui.modelComboBox.itemData(index)
+        if data == self.ADD_MODEL:
+            self._addModel(self._askFile("Model file", "SynthSeg-MONAI model (*.safetensors)"),
+                           models.add_model_file)
+        elif data == self.IMPORT_H5:
+            self._addModel(self._askFile("SynthSeg Keras weights (FreeSurfer's models folder)",
+                                         "SynthSeg weights (*.h5)"),
+                           models.import_keras_model)
+        else:
+            self._showModelInfo(data)
+            self.updateParameterNodeFromGUI()
+
+    def _askFile(self, caption: str, filter: str) -> str:
+        return qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), caption, "", filter)
+
+    def _addModel(self, path: str, adder) -> None:
+        if not path:
+            self.updateGUIFromParameterNode()
+            return
+        try:
+            self._ensureDependencies()
+            with slicer.util.WaitCursor():
+                name = adder(path)
+        except (SegmentationError, dependencies.DependencyError) as e:
+            slicer.util.errorDisplay(str(e))
+            self.updateGUIFromParameterNode()
+            return
+        self.refreshModels(select=name)
+        self.updateParameterNodeFromGUI()
+        self._showModelInfo(self.ui.modelComboBox.currentData)
+
+    def _showModelInfo(self, data) -> None:
+        if not data:
+            self.ui.modelInfoLabel.text = ""
+            return
+        try:
+            self.ui.modelInfoLabel.text = models.model_summary(data)
+        except (SegmentationError, ImportError) as e:
+            self.ui.modelInfoLabel.text = str(e)
+
+    def onOpenModelFolder(self) -> None:
+        try:
+            from SynthSegMONAILib import model_registry
+
+            folder = model_registry.user_model_dir()
+        except ImportError:
+            folder = os.path.join(os.path.expanduser("~"), ".synthseg-monai", "models")
+        os.makedirs(folder, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    # --- dependencies --------------------------------------------------------------------
+    def _ensureDependencies(self) -> None:
+        dependencies.ensure_all(MODULE_DIR, lambda text: slicer.util.confirmOkCancelDisplay(text))
+
+    def onInstallDependencies(self) -> None:
+        try:
+            self._ensureDependencies()
+        except dependencies.DependencyError as e:
+            slicer.util.errorDisplay(str(e))
+            return
+        self.refreshModels()
+        self.updateGUIFromParameterNode()
+        slicer.util.infoDisplay("All required Python packages are installed.")
+
+    # --- run -----------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        if self._state is JobState.SEGMENTING:
+            self.setState(JobState.CANCELLING)
+            self._job.cancel()
+            self._timer.stop()
+            self.setState(JobState.IDLE, "Cancelled.")
+            return
+        self.ui.logTextEdit.clear()
+        try:
+            self._ensureDependencies()
+        except dependencies.DependencyError as e:
+            self.setState(JobState.FAILED, str(e))
+            slicer.util.errorDisplay(str(e))
+            return
+        node = self._parameterNode
+        self._job = self.logic.startSegmentation(
+            self.ui.inputVolumeSelector.currentNode(), self.currentOptions(),
+            segmentationNode=node.GetNodeReference(parameters.OUTPUT_SEGMENTATION),
+            tableNode=node.GetNodeReference(parameters.OUTPUT_TABLE),
+            onProgress=self.onProgress, onLog=self.onLog, start=False)
+        try:
+            self._job.start()
+        except SegmentationError as e:
+            self.setState(JobState.FAILED, str(e))
+            slicer.util.errorDisplay(str(e))
+            return
+        self.setState(JobState.SEGMENTING, "Segmenting...")
+        self._timer.start()
+
+    def onTimer(self) -> None:
+        if self._job is None:
+            self._timer.stop()
+            return
+        state = self._job.poll()
+        if state is JobState.IMPORTING:
+            self.setState(JobState.IMPORTING, "Importing results...")
+        if not self._job.finished:
+            return
+        self._timer.stop()
+        if state is JobState.DONE:
+            self._showResult(self._job.result)
+            self.setState(JobState.IDLE, "Done.")
+        elif state is JobState.FAILED:
+            self.setState(JobState.FAILED, self._job.error)
+            slicer.util.errorDisplay(f"Segmentation failed: {self._job.error}")
+        else:
+            self.setState(JobState.IDLE, self._job.error)
+
+    def _showResult(self, result: SegmentationResult) -> None:
+        node = self._parameterNode
+        was = node.StartModify()
+        node.SetNodeReferenceID(parameters.OUTPUT_SEGMENTATION, result.segmentation_node.GetID())
+        node.SetNodeReferenceID(parameters.OUTPUT_TABLE, result.table_node.GetID())
+        node.EndModify(was)
+        volume = self.ui.inputVolumeSelector.currentNode()
+        slicer.util.setSliceViewerLayers(background=volume)
+        self.logic.showTable(result.table_node)
+
+    def onProgress(self, fraction: float, stage: str) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        if stage:
+            self.ui.statusLabel.text = f"{stage.capitalize()}..."
+
+    def onLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+        slicer.app.processEvents()
+
+    def onExportTable(self) -> None:
+        table = self._parameterNode.GetNodeReference(parameters.OUTPUT_TABLE) if self._parameterNode else None
+        if table is None:
+            return
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export volumes",
+                                              f"{table.GetName()}.csv", "CSV files (*.csv)")
+        if path:
+            export_csv(table, path)
+
+    def setState(self, state: JobState, message: str | None = None) -> None:
+        """Enable/disable controls for ``state`` (idle, segmenting, importing, cancelling, failed)."""
+        self._state = state
+        busy = state in (JobState.SEGMENTING, JobState.IMPORTING, JobState.CANCELLING)
+        for widget in (self.ui.inputVolumeSelector, self.ui.modelComboBox, self.ui.fastCheckBox,
+                       self.ui.deviceComboBox, self.ui.threadsSpinBox, self.ui.outputGridComboBox,
+                       self.ui.outputSegmentationSelector, self.ui.outputTableSelector,
+                       self.ui.installDependenciesButton):
+            widget.enabled = not busy
+        if state is JobState.SEGMENTING:
+            self.ui.applyButton.text = "Cancel"
+            self.ui.applyButton.toolTip = "Stop the segmentation (nothing is added to the scene)."
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = "Segment"
+            self.ui.applyButton.toolTip = "Run SynthSeg on the input volume."
+            self._updateApplyButton()
+            if busy:
+                self.ui.applyButton.enabled = False
+        if not busy and state is not JobState.FAILED:
+            self.ui.progressBar.value = 100 if message == "Done." else 0
+        if message is not None:
+            self.ui.statusLabel.text = message
+
+    def _updateApplyButton(self) -> None:
+        if self._state is JobState.SEGMENTING:
+            return
+        has_input = self.ui.inputVolumeSelector.currentNode() is not None
+        self.ui.applyButton.enabled = has_input
+        self.ui.applyButton.toolTip = ("Run SynthSeg on the input volume." if has_input
+                                       else "Select an input volume first.")
+
+
+class SynthSegMONAILogic(ScriptedLoadableModuleLogic):
+    """Scripting API: ``SynthSegMONAILogic().segment(volumeNode)`` -> (segmentation, table).
+
+    Usable from Slicer's Python console and from other modules; the work is done by the
+    Qt-free ``SynthSegMONAISlicerLib`` (inference in a child process).
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.tempRoot: str | None = None  # None: the system's temporary folder
+
+    def setDefaultParameters(self, parameterNode) -> None:
+        parameters.set_defaults(parameterNode)
+
+    def getParameterNode(self):
+        node = ScriptedLoadableModuleLogic.getParameterNode(self)
+        parameters.set_defaults(node)
+        return node
+
+    def defaultInputVolume(self):
+        """The volume shown in the slice views' background, else the last scalar volume."""
+        try:
+            for name in slicer.app.layoutManager().sliceViewNames():
+                composite = slicer.app.layoutManager().sliceWidget(name).mrmlSliceCompositeNode()
+                node = slicer.mrmlScene.GetNodeByID(composite.GetBackgroundVolumeID() or "")
+                if node is not None and node.IsA("vtkMRMLScalarVolumeNode"):
+                    return node
+        except AttributeError:
+            pass
+        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        return volumes[-1] if volumes else None
+
+    def startSegmentation(self, volumeNode, options: SegmentOptions | None = None,
+                          segmentationNode=None, tableNode=None, onProgress=None, onLog=None,
+                          start: bool = True) -> SegmentationJob:
+        """Start segmenting in the background; poll the returned job (or call its ``wait``)."""
+        job = SegmentationJob(slicer.mrmlScene, volumeNode, options, segmentation_node=segmentationNode,
+                              table_node=tableNode, on_progress=onProgress, on_log=onLog,
+                              temp_root=self.tempRoot)
+        if start:
+            job.start()
+        return job
+
+    def segment(self, volumeNode, model: str = "", fast: bool = False, device: str = "auto",
+                threads: int = 0, outputGrid: str = "input", segmentationNode=None,
+                tableNode=None, timeout: float | None = None):
+        """Segment ``volumeNode`` and wait; returns (segmentation node, volume table node).
+
+        Raises ``SegmentationError`` with a message for the user if anything goes wrong; the
+        scene is then left unchanged.
+        """
+        options = SegmentOptions(model=model, fast=fast, device=device, threads=threads,
+                                 output_grid=outputGrid)
+        job = self.startSegmentation(volumeNode, options, segmentationNode, tableNode,
+                                     onLog=lambda text: logging.info(text))
+        result = job.wait(timeout)
+        return result.segmentation_node, result.table_node
+
+    def showTable(self, tableNode) -> None:
+        """Show ``tableNode`` in a layout with a table view (GUI only)."""
+        layoutManager = getattr(slicer.app, "layoutManager", lambda: None)()
+        if layoutManager is None:
+            return
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+
+class SynthSegMONAITest(ScriptedLoadableModuleTest):
+    """Self-test for the Slicer application: segment MRHead and check segments and table."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_SynthSegMONAI_MRHead()
+
+    def test_SynthSegMONAI_MRHead(self) -> None:
+        import tempfile
+
+        import SampleData
+        from SynthSegMONAISlicerLib import testing
+
+        self.delayDisplay("Loading MRHead")
+        volume = SampleData.downloadSample("MRHead")
+        logic = SynthSegMONAILogic()
+        try:
+            models.list_models()
+        except ImportError:
+            self.delayDisplay("PyTorch is not installed: install it to run this test")
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            # A tiny model with predictable output: the test checks the plumbing, not accuracy.
+            modelPath = testing.make_tiny_model(os.path.join(folder, "tiny_selftest.safetensors"))
+            self.delayDisplay("Segmenting (CPU)")
+            seg, table = logic.segment(volume, model=str(modelPath), device="cpu", timeout=900)
+        segmentation = seg.GetSegmentation()
+        self.assertGreater(segmentation.GetNumberOfSegments(), 0)
+        names = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegment(i).GetLabelValue()
+                 for i in range(segmentation.GetNumberOfSegments())}
+        from SynthSegMONAILib import labels as label_table
+
+        for name, value in names.items():
+            self.assertEqual(name, label_table.structure(value).freesurfer_name)
+        self.assertEqual(table.GetNumberOfRows(), len(testing.PHANTOM_LEVELS) - 1)
+        self.assertTrue(seg.GetName().startswith(volume.GetName()))
+        self.delayDisplay("Test passed")

@@ -1,0 +1,201 @@
+"""Run the engine's command line in a child process: stream its output, cancel it cleanly.
+
+The child is started in a process group (POSIX) / process tree (Windows) of its own, so
+cancelling kills it together with anything it started. A reader thread turns each output
+line into an event; the caller drains the events with :meth:`ProcessRunner.poll` (the widget
+from a QTimer, the scripting API in a loop), so nothing blocks the GUI thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+PROGRESS_PREFIX = "SYNTHSEG_PROGRESS "
+ERROR_PREFIX = "SYNTHSEG_ERROR "
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A ``SYNTHSEG_PROGRESS`` line: overall ``fraction`` (0..1) and the current stage."""
+
+    stage: str
+    fraction: float
+    image: int = 1
+    images: int = 1
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """A ``SYNTHSEG_ERROR`` line or an ``error:`` line on stderr."""
+
+    message: str
+    input: str = ""
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """Any other output line."""
+
+    text: str
+    stream: str = "stdout"
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    """The process has ended (``cancelled`` when :meth:`ProcessRunner.cancel` ended it)."""
+
+    returncode: int
+    cancelled: bool = False
+
+
+Event = ProgressEvent | ErrorEvent | LogEvent | FinishedEvent
+
+
+def parse_line(line: str, stream: str = "stdout") -> Event:
+    """Turn one output line of the engine into an event (never raises)."""
+    text = line.rstrip("\r\n")
+    for prefix, kind in ((PROGRESS_PREFIX, "progress"), (ERROR_PREFIX, "error")):
+        if text.startswith(prefix):
+            try:
+                data = json.loads(text[len(prefix):])
+            except ValueError:
+                return LogEvent(text, stream)
+            if not isinstance(data, dict):
+                return LogEvent(text, stream)
+            if kind == "error":
+                return ErrorEvent(str(data.get("message", "")), str(data.get("input", "")))
+            try:
+                fraction = min(1.0, max(0.0, float(data.get("fraction", 0.0))))
+                return ProgressEvent(str(data.get("stage", "")), fraction,
+                                     int(data.get("image", 1)), int(data.get("images", 1)))
+            except (TypeError, ValueError):
+                return LogEvent(text, stream)
+    if stream == "stderr" and text.startswith("error:"):
+        return ErrorEvent(text[len("error:"):].strip())
+    return LogEvent(text, stream)
+
+
+@dataclass
+class ProcessRunner:
+    """One child process running ``command`` with optional extra environment variables."""
+
+    command: Sequence[str]
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _events: queue.Queue = field(default_factory=queue.Queue, init=False, repr=False)
+    _threads: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
+    _cancelled: bool = field(default=False, init=False)
+    _finished: bool = field(default=False, init=False)
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the child (None before :meth:`start`)."""
+        return self._process.pid if self._process else None
+
+    def start(self) -> None:
+        """Start the child process and the threads that read its output."""
+        if self._process is not None:
+            raise RuntimeError("the process has already been started")
+        environment = dict(os.environ)
+        environment.update(self.env or {})
+        environment.setdefault("PYTHONUNBUFFERED", "1")
+        kwargs: dict = {}
+        if sys.platform == "win32":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(
+                subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True
+        self._process = subprocess.Popen(
+            list(self.command), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, env=environment, cwd=self.cwd, text=True,
+            encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        for stream_name, stream in (("stdout", self._process.stdout), ("stderr", self._process.stderr)):
+            t = threading.Thread(target=self._read, args=(stream, stream_name), daemon=True)
+            t.start()
+            self._threads.append(t)
+        waiter = threading.Thread(target=self._wait, daemon=True)
+        waiter.start()
+
+    def _read(self, stream, stream_name: str) -> None:
+        for line in iter(stream.readline, ""):
+            self._events.put(parse_line(line, stream_name))
+        stream.close()
+
+    def _wait(self) -> None:
+        assert self._process is not None
+        returncode = self._process.wait()
+        for t in self._threads:
+            t.join()
+        self._events.put(FinishedEvent(returncode, self._cancelled))
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """Events since the last call; waits up to ``timeout`` s for the first one."""
+        events: list[Event] = []
+        try:
+            events.append(self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait())
+            while True:
+                events.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        if any(isinstance(e, FinishedEvent) for e in events):
+            self._finished = True
+        return events
+
+    @property
+    def running(self) -> bool:
+        """True until the process has ended and its last event has been polled."""
+        return self._process is not None and not self._finished
+
+    def cancel(self, grace_s: float = 3.0) -> None:
+        """Stop the child and every process it started; returns once they are gone."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._cancelled = True
+        kill_process_tree(self._process, grace_s)
+
+
+def kill_process_tree(process: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """Terminate ``process`` and its descendants (asking politely first, then killing)."""
+    if sys.platform == "win32":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)],
+                       capture_output=True, check=False)
+        process.wait()
+        return
+    try:
+        pgid = os.getpgid(process.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _group_alive(pgid):
+            if process.poll() is None:
+                time.sleep(0.05)
+            else:
+                time.sleep(0.02)
+        if not _group_alive(pgid):
+            break
+    process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,305 @@
+"""One segmentation run: volume node in, segmentation node and volume table out.
+
+:class:`SegmentationJob` is a small state machine (``idle -> segmenting -> importing ->
+done``, or ``cancelling -> cancelled``, or ``failed``). ``start`` checks the input and the
+model, writes the volume to a private temporary folder and starts the engine's command line
+with Slicer's own Python in a child process; ``poll`` streams progress and, once the engine
+has finished, imports its outputs into the scene. The temporary folder is removed whatever
+happens. Errors leave the scene as it was.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .process_runner import ErrorEvent, FinishedEvent, LogEvent, ProcessRunner, ProgressEvent
+from .segmentation_import import import_labelmap, place_in_subject_hierarchy
+from .statistics_table import VolumeReport, fill_table, read_volumes_csv
+from .volume_export import InputVolumeError, check_input_volume, export_volume
+
+DEVICES = ("auto", "cpu", "cuda")
+OUTPUT_GRIDS = ("input", "synthseg")
+ENGINE_DIR = Path(__file__).resolve().parents[1]  # folder holding SynthSegMONAILib
+
+
+class SegmentationError(RuntimeError):
+    """Segmentation failed or was refused; the message is meant for the user."""
+
+
+class JobState(enum.Enum):
+    IDLE = "idle"
+    SEGMENTING = "segmenting"
+    IMPORTING = "importing"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class SegmentOptions:
+    """What the user chose: model (name or path, '' = default), speed, device, output grid."""
+
+    model: str = ""
+    fast: bool = False
+    device: str = "auto"
+    threads: int = 0
+    output_grid: str = "input"
+
+    def validate(self) -> None:
+        if self.device not in DEVICES:
+            raise SegmentationError(f"unknown device {self.device!r} (choose one of {', '.join(DEVICES)})")
+        if self.output_grid not in OUTPUT_GRIDS:
+            raise SegmentationError(f"unknown output grid {self.output_grid!r}")
+        if self.threads < 0:
+            raise SegmentationError("the number of CPU threads cannot be negative")
+
+
+@dataclass
+class SegmentationResult:
+    """Nodes the run created or filled, and the volumes it read."""
+
+    segmentation_node: object
+    table_node: object
+    report: VolumeReport
+    model_path: Path
+    log: list[str] = field(default_factory=list)
+
+
+def python_executable() -> str:
+    """Slicer's own Python (``PythonSlicer``) when available, else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def resolve_model(model: str):
+    """Path and verified info of the model; raises :class:`SegmentationError` if unusable."""
+    from SynthSegMONAILib import model_registry
+    from SynthSegMONAILib.errors import SynthSegError
+
+    try:
+        path = model_registry.resolve_model(model or None)
+        return path, model_registry.describe(path)
+    except SynthSegError as e:
+        raise SegmentationError(str(e)) from e
+
+
+class SegmentationJob:
+    """Segment ``volume_node`` with ``options``; see the module docstring for the states."""
+
+    def __init__(self, scene, volume_node, options: SegmentOptions | None = None,
+                 segmentation_node=None, table_node=None,
+                 on_progress: Callable[[float, str], None] | None = None,
+                 on_log: Callable[[str], None] | None = None,
+                 temp_root: str | os.PathLike | None = None,
+                 python: str | None = None):
+        self.scene = scene
+        self.volume_node = volume_node
+        self.options = options or SegmentOptions()
+        self.segmentation_node = segmentation_node
+        self.table_node = table_node
+        self.on_progress = on_progress
+        self.on_log = on_log
+        self.temp_root = temp_root
+        self.python = python or python_executable()
+        self.state = JobState.IDLE
+        self.error: str = ""
+        self.result: SegmentationResult | None = None
+        self.temp_dir: Path | None = None
+        self.log: list[str] = []
+        self._runner: ProcessRunner | None = None
+        self._errors: list[str] = []
+        self._stderr_tail: list[str] = []
+        self._model_path: Path | None = None
+        self._model_labels: list[int] = []
+
+    # --- control -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Check inputs, write the volume, start the engine. Raises SegmentationError."""
+        if self.state is not JobState.IDLE:
+            raise SegmentationError("this job has already been started")
+        try:
+            self.options.validate()
+            try:
+                check_input_volume(self.volume_node)
+            except InputVolumeError as e:
+                raise SegmentationError(str(e)) from e
+            self._model_path, info = resolve_model(self.options.model)
+            self._model_labels = list(info.labels)
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="SynthSegMONAI-", dir=self.temp_root))
+            input_path = self.temp_dir / "input.nii.gz"
+            export_volume(self.volume_node, input_path)
+            self._runner = ProcessRunner(self.command(input_path), env=self._environment())
+            self._runner.start()
+        except Exception as e:
+            self._fail(str(e) if isinstance(e, SegmentationError) else f"{type(e).__name__}: {e}")
+            raise SegmentationError(self.error) from e
+        self.state = JobState.SEGMENTING
+        self._emit_log(f"Segmenting '{self.volume_node.GetName()}' with model {self._model_path.name}")
+        self._emit_progress(0.0, "starting")
+
+    def command(self, input_path: Path) -> list[str]:
+        """The engine command line for ``input_path`` (outputs go next to it)."""
+        assert self.temp_dir is not None and self._model_path is not None
+        o = self.options
+        cmd = [self.python, "-m", "SynthSegMONAILib.cli", "segment",
+               "--i", str(input_path), "--o", str(self.temp_dir / "seg.nii.gz"),
+               "--vol", str(self.temp_dir / "volumes.csv"), "--model", str(self._model_path),
+               "--device", o.device, "--output-grid", o.output_grid, "--progress-lines"]
+        if o.fast:
+            cmd.append("--fast")
+        if o.threads > 0:
+            cmd += ["--threads", str(o.threads)]
+        return cmd
+
+    def _environment(self) -> dict[str, str]:
+        env = {"PYTHONPATH": os.pathsep.join(
+            p for p in (str(ENGINE_DIR), os.environ.get("PYTHONPATH", "")) if p)}
+        if self.options.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = "-1"
+        return env
+
+    def cancel(self) -> None:
+        """Kill the engine (and its children), remove temporary files; scene unchanged."""
+        if self.state is not JobState.SEGMENTING:
+            return
+        self.state = JobState.CANCELLING
+        self._emit_log("Cancelling...")
+        assert self._runner is not None
+        self._runner.cancel()
+        self._runner.poll()
+        self._cleanup()
+        self.state = JobState.CANCELLED
+        self.error = "Segmentation cancelled."
+        self._emit_log(self.error)
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the engine process (None when not started)."""
+        return self._runner.pid if self._runner else None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+    # --- progress ------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.0) -> JobState:
+        """Handle the engine's output so far; imports the results once it has ended."""
+        if self.state is not JobState.SEGMENTING or self._runner is None:
+            return self.state
+        for event in self._runner.poll(timeout):
+            if isinstance(event, ProgressEvent):
+                # Keep the last 5 % for importing into the scene.
+                self._emit_progress(0.95 * event.fraction, event.stage)
+            elif isinstance(event, ErrorEvent):
+                self._errors.append(event.message)
+                self._emit_log(f"error: {event.message}")
+            elif isinstance(event, LogEvent):
+                if event.stream == "stderr":
+                    self._stderr_tail = (self._stderr_tail + [event.text])[-20:]
+                if event.text.strip():
+                    self._emit_log(event.text)
+            elif isinstance(event, FinishedEvent):
+                self._finish(event)
+                break
+        return self.state
+
+    def wait(self, timeout: float | None = None) -> SegmentationResult:
+        """Block until done (scripting); raises SegmentationError on failure or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise SegmentationError(f"segmentation did not finish within {timeout} s")
+            self.poll(0.2)
+        if self.state is not JobState.DONE:
+            raise SegmentationError(self.error)
+        assert self.result is not None
+        return self.result
+
+    def _finish(self, event: FinishedEvent) -> None:
+        if event.cancelled or self.state is not JobState.SEGMENTING:
+            return
+        if event.returncode != 0:
+            message = "; ".join(self._errors) or "\n".join(
+                line for line in self._stderr_tail if line.strip())[-2000:]
+            self._fail(f"The segmentation engine failed (exit status {event.returncode}): "
+                       f"{message or 'no message'}")
+            return
+        self.state = JobState.IMPORTING
+        self._emit_progress(0.95, "importing")
+        try:
+            self.result = self._import_results()
+        except Exception as e:
+            self._fail(f"Could not import the results: {e}")
+            return
+        self._cleanup()
+        self.state = JobState.DONE
+        self._emit_progress(1.0, "done")
+        self._emit_log("Done.")
+
+    def _import_results(self) -> SegmentationResult:
+        import nibabel as nib
+
+        assert self.temp_dir is not None and self._model_path is not None
+        seg_img = nib.load(str(self.temp_dir / "seg.nii.gz"))
+        labels = np.asarray(seg_img.dataobj)
+        if labels.ndim == 4 and labels.shape[3] == 1:
+            labels = labels[..., 0]
+        labels = np.rint(labels).astype(np.int16)
+        report = read_volumes_csv(self.temp_dir / "volumes.csv", self._model_labels)
+        name = self.volume_node.GetName()
+        created_seg = self.segmentation_node is None
+        seg = import_labelmap(self.scene, labels, np.asarray(seg_img.affine), f"{name} SynthSeg",
+                              reference_volume=self.volume_node,
+                              segmentation_node=self.segmentation_node)
+        try:
+            table = fill_table(self.scene, report, f"{name} SynthSeg volumes", self.table_node)
+        except Exception:
+            if created_seg:
+                self.scene.RemoveNode(seg)
+            raise
+        seg.SetAttribute("SynthSegMONAI.Model", self._model_path.name)
+        table.SetAttribute("SynthSegMONAI.Model", self._model_path.name)
+        place_in_subject_hierarchy(self.scene, seg, self.volume_node)
+        place_in_subject_hierarchy(self.scene, table, self.volume_node)
+        self.segmentation_node, self.table_node = seg, table
+        return SegmentationResult(seg, table, report, self._model_path, list(self.log))
+
+    # --- helpers -------------------------------------------------------------------------
+    def _fail(self, message: str) -> None:
+        if self._runner is not None and self._runner.running:
+            self._runner.cancel()
+        self._cleanup()
+        self.state = JobState.FAILED
+        self.error = message
+        self._emit_log(f"Failed: {message}")
+
+    def _cleanup(self) -> None:
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _emit_progress(self, fraction: float, stage: str) -> None:
+        if self.on_progress:
+            self.on_progress(fraction, stage)
+
+    def _emit_log(self, text: str) -> None:
+        self.log.append(text)
+        if self.on_log:
+            self.on_log(text)
+
+
+def segment(scene, volume_node, options: SegmentOptions | None = None, **kwargs) -> SegmentationResult:
+    """Blocking convenience: start a job, wait for it, return its result."""
+    job = SegmentationJob(scene, volume_node, options, **kwargs)
+    job.start()
+    return job.wait()

@@ -1,0 +1,85 @@
+"""Shared helpers for the Slicer module tests: a real MRML scene (slicer-core), volumes,
+a tiny model with predictable output. Only what slicer-core lacks gets test doubles."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "SynthSegMONAI"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+import pytest  # noqa: E402
+import slicer  # noqa: E402
+
+
+def new_scene():
+    """A fresh real MRML scene, installed as ``slicer.mrmlScene``."""
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    return scene
+
+
+def add_volume(scene, array_ijk: np.ndarray, ijk_to_ras: np.ndarray, name: str = "Input",
+               class_name: str = "vtkMRMLScalarVolumeNode"):
+    """Add a volume node whose voxel [i, j, k] is ``array_ijk[i, j, k]``."""
+    arr = np.asarray(array_ijk)
+    kji = np.ascontiguousarray(arr.transpose(2, 1, 0) if arr.ndim == 3 else arr.transpose(2, 1, 0, 3))
+    node = slicer.util.addVolumeFromArray(kji, ijk_to_ras, name, class_name)
+    return node
+
+
+def scene_node_ids(scene) -> list[str]:
+    """IDs of every node in the scene (to check that a failed run changed nothing)."""
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def affine(spacing=(1.0, 1.0, 1.0), axes=None, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """4x4 IJK-to-RAS from a 3x3 direction matrix (columns = axes) and spacing."""
+    m = np.eye(4)
+    d = np.eye(3) if axes is None else np.asarray(axes, float)
+    m[:3, :3] = d * np.asarray(spacing, float)
+    m[:3, 3] = origin
+    return m
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
+
+
+def centred_affine(shape, spacing, axes=None) -> np.ndarray:
+    """Affine whose volume centre is at RAS (0, 0, 0)."""
+    m = affine(spacing, axes)
+    centre = m[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    m[:3, 3] = -centre
+    return m
+
+
+@pytest.fixture
+def scene():
+    return new_scene()
+
+
+@pytest.fixture
+def model_home(tmp_path, monkeypatch):
+    """A private per-user model folder and no extra search folders."""
+    home = tmp_path / "synthseg-home"
+    monkeypatch.setenv("SYNTHSEG_MONAI_HOME", str(home))
+    monkeypatch.delenv("SYNTHSEG_MONAI_MODELS", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from SynthSegMONAISlicerLib.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny.safetensors",
+                           preprocessing={"min_pad": 0})
