@@ -84,7 +84,7 @@ def import_labelmap(scene, label_ijk: np.ndarray, ijk_to_ras: np.ndarray, name: 
     max_label = max(present, default=0)
 
     color_node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} colours (temporary)")
-    labelmap = None
+    labelmap = display = None
     created = segmentation_node is None
     try:
         color_node.SetTypeToUser()
@@ -92,14 +92,14 @@ def import_labelmap(scene, label_ijk: np.ndarray, ijk_to_ras: np.ndarray, name: 
         color_node.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
         for v in range(1, max_label + 1):
             color_node.SetColor(v, segment_name(v) if v in present else "", *segment_color(v), 1.0)
-        color_node.SetNamesInitialised(True)
 
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} labels (temporary)")
         labelmap.SetIJKToRASMatrix(_matrix(ijk_to_ras))
         kji = np.ascontiguousarray(label_ijk.transpose(2, 1, 0).astype(np.int16))
         slicer.util.updateVolumeFromArray(labelmap, kji)
-        labelmap.CreateDefaultDisplayNodes()
-        labelmap.GetDisplayNode().SetAndObserveColorNodeID(color_node.GetID())
+        display = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeDisplayNode")
+        display.SetAndObserveColorNodeID(color_node.GetID())
+        labelmap.SetAndObserveDisplayNodeID(display.GetID())
 
         if created:
             segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
@@ -127,8 +127,9 @@ def import_labelmap(scene, label_ijk: np.ndarray, ijk_to_ras: np.ndarray, name: 
             scene.RemoveNode(segmentation_node)
         raise
     finally:
-        if labelmap is not None:
-            scene.RemoveNode(labelmap)
+        for node in (labelmap, display):
+            if node is not None:
+                scene.RemoveNode(node)
         scene.RemoveNode(color_node)
     return segmentation_node
 
