@@ -1,0 +1,25 @@
+"""Export trained networks to the engine's model file (safetensors with metadata)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from SynthSegMONAILib.model_file import ModelInfo, save_model
+from SynthSegMONAILib.network import SynthSegUNet
+
+from .config import Config
+
+
+def export_model(path: str | Path, model: SynthSegUNet, cfg: Config, labels: list[int], provenance: dict) -> Path:
+    """Write ``model`` with its labels, architecture and training provenance."""
+    prov = {"origin": "synthseg-monai training", "config": cfg.to_dict(), **provenance}
+    info = ModelInfo(network=model.config, labels=list(labels), name=cfg.training.name,
+                     description=cfg.training.description,
+                     synthseg_version=cfg.training.synthseg_version, provenance=prov)
+    was_training = model.training
+    model.eval()
+    try:
+        return save_model(path, model, info, dtype=torch.float32)
+    finally:
+        model.train(was_training)
