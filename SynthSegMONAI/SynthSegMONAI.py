@@ -107,6 +107,7 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SynthSegMONAILogic()
+        registerTerminology()  # also when the module is (re)loaded after startup
 
         for text, value in (("Auto (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda")):
             self.ui.deviceComboBox.addItem(text, value)
@@ -377,7 +378,6 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
-        slicer.app.processEvents()
 
     def onExportTable(self) -> None:
         table = self._parameterNode.GetNodeReference(parameters.OUTPUT_TABLE) if self._parameterNode else None

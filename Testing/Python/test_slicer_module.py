@@ -213,3 +213,5 @@ def test_widget_state_machine_and_parameter_node(module, scene, model_home, monk
     ui.inputVolumeSelector.setCurrentNode(None)
     widget.setState(module.JobState.IDLE)
     assert not ui.applyButton.enabled
+    widget.cleanup()
+    assert not widget.hasObserver(scene, scene.StartCloseEvent, widget.onSceneStartClose)
