@@ -142,3 +142,54 @@ def test_crop_must_fit_the_network(maps, tmp_path, capsys):
 def test_print_config(capsys, tmp_path):
     assert main(["--output-dir", str(tmp_path), "--print-config", "--steps", "7"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["training"]["steps"] == 7
+
+
+def _engine_cli():
+    import shutil
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "synthseg-monai"
+    return str(exe) if exe.is_file() else shutil.which("synthseg-monai")
+
+
+@pytest.mark.slow
+@needs_maps
+def test_export_then_segment_with_the_engine(trained, tmp_path):
+    import subprocess
+
+    import nibabel as nib
+    import numpy as np
+    from SynthSegMONAITrainingLib.config import SynthesisConfig
+    from SynthSegMONAITrainingLib.label_maps import load_generation_table, load_label_map
+    from SynthSegMONAITrainingLib.synthesis import Synthesizer
+    from training_fixtures import LABEL_MAPS
+
+    exe = _engine_cli()
+    if exe is None:
+        pytest.skip("the synthseg-monai command is not installed")
+    table = load_generation_table("1.0")
+    lm = load_label_map(LABEL_MAPS / MAPS[-1], table, downsample=4)
+    image, _, _ = Synthesizer(SynthesisConfig(crop_size=[32, 32, 32]), table).sample([lm], 0)
+    img_path, seg_path = tmp_path / "synthetic.nii.gz", tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(image[0].numpy() * 200, np.diag([2.0, 2.0, 2.0, 1.0])), str(img_path))
+    result = subprocess.run([exe, "--i", str(img_path), "--o", str(seg_path), "--model",
+                             str(trained / "last.safetensors"), "--cpu"],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seg = nib.load(str(seg_path))
+    values = set(np.unique(np.asarray(seg.dataobj)).astype(int).tolist())
+    assert values <= set(synthseg_labels("1.0"))
+    assert seg.shape == (32, 32, 32) and np.allclose(seg.affine, np.diag([2.0, 2.0, 2.0, 1.0]), atol=1e-3)
+
+
+def test_engine_cli_dispatches_train(tmp_path):
+    import subprocess
+
+    exe = _engine_cli()
+    if exe is None:
+        pytest.skip("the synthseg-monai command is not installed")
+    result = subprocess.run([exe, "train", "--output-dir", str(tmp_path), "--print-config", "--steps", "3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["training"]["steps"] == 3
