@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError
-from .model_file import ModelInfo, read_model_info
 
 MODEL_SUFFIX = ".safetensors"
 DEFAULT_MODEL_NAME = "synthseg_monai_default"
@@ -93,6 +92,8 @@ def resolve_model(model: str | os.PathLike | None = None, v1: bool = False) -> P
     raise ModelFileError(HOW_TO_GET_A_MODEL)
 
 
-def describe(path: Path) -> ModelInfo:
-    """The verified metadata of a model file."""
+def describe(path: Path):
+    """The verified metadata of a model file (a ``ModelInfo``; imports torch on first use)."""
+    from .model_file import read_model_info
+
     return read_model_info(path)

@@ -1,0 +1,197 @@
+"""The ``synthseg-monai`` command line: SynthSeg's flags, plus model import and training.
+
+    synthseg-monai --i scan.nii.gz --o seg.nii.gz [--vol volumes.csv] ...   (segment)
+    synthseg-monai import-keras synthseg_2.0.h5 -o synthseg_2.0.safetensors
+    synthseg-monai models
+    synthseg-monai train --config config.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import SynthSegError
+from .volume_io import image_suffix, list_images
+
+SUBCOMMANDS = ("segment", "import-keras", "models", "train")
+
+CITATION = (
+    "If you use this tool in a publication, please cite:\n"
+    "SynthSeg: Segmentation of brain MRI scans of any contrast and resolution without retraining\n"
+    "B. Billot, D.N. Greve, O. Puonti, A. Thielscher, K. Van Leemput, B. Fischl, A.V. Dalca, J.E. Iglesias\n"
+    "Medical Image Analysis, 2023"
+)
+
+
+def segment_parser() -> argparse.ArgumentParser:
+    """Options of ``segment`` (SynthSeg_predict's names where they exist)."""
+    p = argparse.ArgumentParser(
+        prog="synthseg-monai segment",
+        description="Segment brain MRI scans of any contrast and resolution (SynthSeg).")
+    p.add_argument("--i", required=True, help="image, or folder of images (.nii, .nii.gz, .mgz, .nrrd)")
+    p.add_argument("--o", required=True, help="segmentation file, or folder (with a folder input)")
+    p.add_argument("--post", help="posteriors file or folder (optional)")
+    p.add_argument("--resample", help="resampled image file or folder (written only when resampling)")
+    p.add_argument("--vol", help="CSV file of soft volumes in mm^3 (SynthSeg layout)")
+    p.add_argument("--crop", type=int, nargs="+", help="centre crop size(s), rounded up to multiples of 32")
+    p.add_argument("--fast", action="store_true", help="no flip pass, lighter postprocessing")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (same as --device cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--model", help="model file (.safetensors) or name of an installed model")
+    p.add_argument("--v1", action="store_true", help="use the installed SynthSeg 1.0 model")
+    p.add_argument("--output-grid", choices=("synthseg", "input"), default="synthseg",
+                   help="'synthseg': 1 mm grid as SynthSeg (default); 'input': the input's own voxel grid")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="print machine-readable SYNTHSEG_PROGRESS/RESULT/ERROR lines on stdout")
+    p.add_argument("--slab-memory", type=int, default=256, metavar="MB",
+                   help="memory for one slab of network temporaries (default 256)")
+    return p
+
+
+def _output_name(inp: Path, out: str | None, tag: str, folder_mode: bool) -> Path | None:
+    """SynthSeg's naming: a path without image extension is a folder; ``<name>_<tag><ext>``."""
+    if out is None:
+        return None
+    out_path = Path(out).expanduser()
+    if folder_mode or image_suffix(out_path) is None:
+        suffix = image_suffix(inp)
+        stem = inp.name[: -len(suffix)]
+        return out_path / f"{stem}_{tag}{suffix}"
+    return out_path
+
+
+def run_segment(argv: list[str]) -> int:
+    """``segment``: returns 0 when every image was segmented, 1 otherwise."""
+    from .model_registry import resolve_model
+    from .pipeline import Outputs, Segmenter
+    from .progress import Progress
+    from .volumes import write_volumes_csv
+
+    args = segment_parser().parse_args(argv)
+    inp = Path(args.i).expanduser()
+    try:
+        if inp.is_dir():
+            images = list_images(inp)
+            if not images:
+                raise SynthSegError(f"{inp}: folder holds no image (.nii, .nii.gz, .mgz, .nrrd)")
+            folder_mode = True
+            if image_suffix(args.o):
+                raise SynthSegError("--o must be a folder when --i is a folder")
+        else:
+            images, folder_mode = [inp], False
+        model_path = resolve_model(args.model, v1=args.v1)
+        device = "cpu" if args.cpu else args.device
+        print(f"SynthSeg-MONAI {__version__}: loading {model_path.name}", flush=True)
+        segmenter = Segmenter(model_path, device=device, threads=args.threads,
+                              slab_budget_mb=args.slab_memory)
+    except (SynthSegError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    mode = f"SynthSeg {segmenter.info.synthseg_version or segmenter.info.name}" + (" (fast)" if args.fast else "")
+    print(f"{mode} on {segmenter.device}, {__import__('torch').get_num_threads()} threads", flush=True)
+    progress = Progress(len(images), lines=args.progress_lines)
+    rows, failures = [], 0
+    for k, image in enumerate(images):
+        progress.start_image(k)
+        outputs = Outputs(segmentation=_output_name(image, args.o, "synthseg", folder_mode),
+                          posteriors=_output_name(image, args.post, "posteriors", folder_mode),
+                          resampled=_output_name(image, args.resample, "resampled", folder_mode))
+        t0 = time.perf_counter()
+        try:
+            result = segmenter.segment(image, outputs, fast=args.fast, crop=args.crop,
+                                       output_grid=args.output_grid, progress=progress)
+        except (SynthSegError, MemoryError, RuntimeError) as e:
+            failures += 1
+            message = str(e) if isinstance(e, SynthSegError) else f"{image}: {type(e).__name__}: {e}"
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            progress.error({"input": str(image), "message": message})
+            continue
+        rows.append(result.volume_row)
+        progress.result({"input": str(image), "segmentation": str(outputs.segmentation),
+                         "posteriors": str(outputs.posteriors) if outputs.posteriors else None,
+                         "seconds": round(time.perf_counter() - t0, 2),
+                         "timings": {k: round(v, 3) for k, v in result.timings.items()}})
+        print(f"segmentation saved in: {outputs.segmentation} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    progress.close()
+    if args.vol and rows:
+        vol = Path(args.vol).expanduser()
+        if vol.suffix != ".csv":
+            vol = vol.with_name(vol.name + ".csv")
+        try:
+            write_volumes_csv(vol, segmenter.labels, rows)
+            print(f"volumes saved in: {vol}", flush=True)
+        except SynthSegError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    print("\n" + CITATION, flush=True)
+    return 1 if failures else 0
+
+
+def run_import_keras(argv: list[str]) -> int:
+    """``import-keras``: official SynthSeg .h5 -> model file."""
+    from .keras_import import import_keras
+
+    p = argparse.ArgumentParser(prog="synthseg-monai import-keras",
+                                description="Convert an official SynthSeg Keras .h5 file into a "
+                                            "SynthSeg-MONAI model file (.safetensors).")
+    p.add_argument("h5", help="e.g. $FREESURFER_HOME/models/synthseg_2.0.h5")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--name", help="model name stored in the file (default: the .h5 name)")
+    args = p.parse_args(argv)
+    try:
+        out = import_keras(args.h5, args.output, name=args.name)
+    except SynthSegError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"model saved in: {out}")
+    return 0
+
+
+def run_models(argv: list[str]) -> int:
+    """``models``: list installed models and the folders searched."""
+    from .model_registry import available_models, describe, model_search_paths
+
+    argparse.ArgumentParser(prog="synthseg-monai models", description="List installed models.").parse_args(argv)
+    print("searched: " + ", ".join(str(p) for p in model_search_paths()))
+    for m in available_models():
+        try:
+            info = describe(m.path)
+            print(f"{m.name}\t{len(info.labels)} labels\t{info.description}\t{m.path}")
+        except SynthSegError as e:
+            print(f"{m.name}\tINVALID: {e}")
+    return 0
+
+
+def run_train(argv: list[str]) -> int:
+    """``train``: synthesis-based training (needs the training extras)."""
+    try:
+        from SynthSegMONAITrainingLib.cli import main as train_main
+    except ImportError as e:
+        print(f"error: training is not available ({e}); install synthseg-monai[train]", file=sys.stderr)
+        return 1
+    return int(train_main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``synthseg-monai`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"synthseg-monai {__version__}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("subcommands: " + ", ".join(SUBCOMMANDS) + "; 'synthseg-monai SUBCOMMAND -h' for options")
+        return 0 if argv else 2
+    command = argv.pop(0) if argv[0] in SUBCOMMANDS else "segment"
+    handlers = {"segment": run_segment, "import-keras": run_import_keras, "models": run_models,
+                "train": run_train}
+    return handlers[command](argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

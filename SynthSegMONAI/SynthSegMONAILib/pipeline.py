@@ -1,0 +1,247 @@
+"""SynthSeg's prediction pipeline, one image at a time, with the model loaded once.
+
+load -> resample to 1 mm (write ``--resample``) -> reorient to RAS -> ``--crop`` ->
+normalise -> pad -> network (+ smoothing, + flip pass) -> postprocess -> renormalise,
+argmax -> paste back -> orient back to the input axes -> volumes -> outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .inference import SlabNetwork
+from .labels import flip_indices, topological_classes
+from .model_file import load_model
+from .output_files import OutputTransaction
+from .postprocess import normalise_and_argmax, postprocess_default, postprocess_fast
+from .preprocess import (
+    Orientation,
+    ResampleGrid,
+    centre_crop_box,
+    needs_resampling,
+    normalise,
+    padding_box,
+    reorient_to_ras,
+    resample_to_1mm,
+    round_up,
+)
+from .volume_io import Image, load_image, save_image
+from .volumes import soft_volumes, subject_name, volume_row
+
+ProgressFn = Callable[[str, float], None]  # (stage, fraction of this image 0..1)
+
+STAGES = {  # stage -> (start, end) fraction of one image's work
+    "loading": (0.0, 0.03),
+    "preprocessing": (0.03, 0.08),
+    "network": (0.08, 0.88),
+    "postprocessing": (0.88, 0.96),
+    "writing": (0.96, 1.0),
+}
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(device)
+
+
+@dataclass
+class Outputs:
+    """Where one image's results go (None: not written)."""
+
+    segmentation: Path
+    posteriors: Path | None = None
+    resampled: Path | None = None
+
+
+@dataclass
+class Result:
+    """What segmenting one image produced."""
+
+    input: Path
+    outputs: Outputs
+    volume_row: list[str]
+    labels: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Segmenter:
+    """Holds a model and segments images with SynthSeg's pipeline."""
+
+    def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 slab_budget_mb: int = 256):
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = choose_device(device)
+        t0 = time.perf_counter()
+        self.model, self.info = load_model(model_path, self.device)
+        self.load_time = time.perf_counter() - t0
+        self.labels = list(self.info.labels)
+        self.network = SlabNetwork(self.model, slab_budget_mb=slab_budget_mb)
+        self.pre = self.info.preprocessing
+
+    # ---------------------------------------------------------------------------------------
+    def segment(self, input_path: str | os.PathLike, outputs: Outputs, fast: bool = False,
+                crop: list[int] | None = None, output_grid: str = "synthseg",
+                progress: ProgressFn | None = None) -> Result:
+        """Segment one image; every output is written atomically, or none on error."""
+        report = progress or (lambda stage, f: None)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = now - clock
+            clock = now
+
+        report("loading", 0.0)
+        image = load_image(input_path)
+        lap("load")
+        report("preprocessing", STAGES["preprocessing"][0])
+        prep = self._preprocess(image, crop)
+        lap("preprocess")
+
+        def net_progress(f: float) -> None:
+            a, b = STAGES["network"]
+            report("network", a + (b - a) * f)
+
+        volume = torch.from_numpy(prep.padded).to(self.device)
+        flip = None if fast or not self.pre.get("flip_averaging", True) else flip_indices(self.labels)
+        post_t = self.network.posteriors(volume, sigma=self.pre.get("posterior_smoothing_sigma"),
+                                         flip_indices=flip, progress=net_progress)
+        del volume
+        post = post_t.cpu().numpy() if post_t.device.type != "cpu" else post_t.numpy()
+        lap("network")
+        report("postprocessing", STAGES["postprocessing"][0])
+        unpad = tuple(slice(lo, lo + n) for (lo, _), n in zip(prep.padding, prep.cropped_shape))
+        threshold = self.pre.get("mask_threshold", 0.25)
+        if fast:
+            post = postprocess_fast(post, unpad, threshold, self.pre.get("fast_threshold", 0.2))
+        else:
+            post = postprocess_default(post, topological_classes(self.labels), unpad, threshold)
+        index = normalise_and_argmax(post)
+        seg_ras = np.zeros(prep.ras_shape, dtype=np.int32)
+        seg_ras[prep.crop_box] = np.asarray(self.labels, dtype=np.int32)[index]
+        del index
+        # SynthSeg pastes a cropped result into float64 posteriors: its volumes are float64 then
+        post_xyzc_input = prep.orientation.from_ras(post.transpose(1, 2, 3, 0))
+        sums = soft_volumes(post_xyzc_input, dtype=np.float64 if crop else np.float32)
+        row = [subject_name(image.path), *volume_row(sums, prep.voxel_volume, with_total=24 in self.labels)]
+        lap("postprocess")
+        report("writing", STAGES["writing"][0])
+        self._write(image, prep, seg_ras, post, outputs, output_grid)
+        lap("write")
+        report("done", 1.0)
+        return Result(Path(input_path), outputs, row, self.labels, timings)
+
+    # ---------------------------------------------------------------------------------------
+    def _preprocess(self, image: Image, crop: list[int] | None) -> _Prepared:
+        target = float(self.pre.get("target_resolution_mm", 1.0))
+        data, affine, grid = image.data, image.affine, None
+        voxel_volume = np.prod(np.asarray(image.zooms[:3], dtype=np.float32))
+        if needs_resampling(image.zooms, target, float(self.pre.get("resample_tolerance_mm", 0.05))):
+            data, affine, grid = resample_to_1mm(data, affine, target)
+            voxel_volume = np.float32(target**3)
+        resampled = data
+        ras, _, orientation = reorient_to_ras(data, affine)
+        multiple = 32  # SynthSeg pads to multiples of 2**n_levels with its 5 levels
+        multiple = max(multiple, self.model.config.size_multiple)
+        if crop:
+            crop = list(crop) * 3 if len(crop) == 1 else list(crop)
+            box = centre_crop_box(ras.shape, crop, multiple)
+            min_pad = [round_up(c, multiple) for c in crop]
+        else:
+            box = (slice(0, ras.shape[0]), slice(0, ras.shape[1]), slice(0, ras.shape[2]))
+            min_pad = [int(self.pre.get("min_pad", 128))] * 3
+        block = ras[box]
+        lo, hi = self.pre.get("intensity_percentiles", [0.5, 99.5])
+        norm = normalise(block, lo, hi)
+        padding = padding_box(norm.shape, min_pad, multiple)
+        padded = np.pad(norm, padding).astype(np.float32)
+        return _Prepared(affine=affine, grid=grid, resampled=resampled if grid is not None else None,
+                         orientation=orientation, ras_shape=ras.shape, crop_box=box,
+                         cropped_shape=block.shape, padding=padding, padded=padded,
+                         voxel_volume=voxel_volume)
+
+    def _full_posteriors_ras(self, post: np.ndarray, prep: _Prepared) -> np.ndarray:
+        """(X, Y, Z, C) float32 posteriors of the whole (uncropped) RAS volume."""
+        full = np.zeros((*prep.ras_shape, post.shape[0]), dtype=np.float32)
+        full[..., 0] = 1.0
+        full[prep.crop_box] = post.transpose(1, 2, 3, 0)
+        return full
+
+    def _write(self, image: Image, prep: _Prepared, seg_ras: np.ndarray, post: np.ndarray,
+               outputs: Outputs, output_grid: str) -> None:
+        header = image.header
+        with OutputTransaction() as tx:
+            if outputs.resampled is not None and prep.resampled is not None:
+                save_image(prep.resampled, prep.affine, header, tx.temporary(outputs.resampled))
+            cropped = any(s.stop - s.start != n for s, n in zip(prep.crop_box, prep.ras_shape))
+            if cropped:
+                post_ras = self._full_posteriors_ras(post, prep)
+            else:
+                post_ras = post.transpose(1, 2, 3, 0)
+            if output_grid == "input" and prep.grid is not None:
+                seg, post_in = _to_input_grid(prep.orientation.from_ras(post_ras), prep.grid,
+                                              self.labels, want_posteriors=outputs.posteriors is not None)
+                affine = image.affine
+            else:
+                seg = np.ascontiguousarray(prep.orientation.from_ras(seg_ras))
+                post_in = (np.ascontiguousarray(prep.orientation.from_ras(post_ras))
+                           if outputs.posteriors is not None else None)
+                affine = prep.affine
+            save_image(seg, affine, header, tx.temporary(outputs.segmentation), dtype="int32")
+            if outputs.posteriors is not None:
+                save_image(post_in, affine, header, tx.temporary(outputs.posteriors), dtype="float32")
+
+
+@dataclass
+class _Prepared:
+    affine: np.ndarray  # affine of the (resampled) image in its own voxel order
+    grid: ResampleGrid | None
+    resampled: np.ndarray | None
+    orientation: Orientation
+    ras_shape: tuple[int, int, int]
+    crop_box: tuple[slice, slice, slice]
+    cropped_shape: tuple[int, int, int]
+    padding: tuple[tuple[int, int], ...]
+    padded: np.ndarray
+    voxel_volume: np.floating
+
+
+def _input_coordinates(grid: ResampleGrid, axis: int, n_resampled: int) -> np.ndarray:
+    """Position of each input voxel along ``axis`` in resampled-grid index units."""
+    i = np.arange(grid.input_shape[axis], dtype=np.float64)
+    return np.clip((i - grid.start[axis]) / grid.step[axis], 0, n_resampled - 1)
+
+
+def _to_input_grid(post_xyzc: np.ndarray, grid: ResampleGrid, labels: list[int], want_posteriors: bool
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resample 1 mm posteriors (input voxel order) onto the input grid; argmax there."""
+    from .preprocess import _linear_along
+
+    coords = [_input_coordinates(grid, a, post_xyzc.shape[a]) for a in range(3)]
+    best = np.full(grid.input_shape, -1.0, dtype=np.float32)
+    seg = np.zeros(grid.input_shape, dtype=np.int32)
+    post_out = np.empty((*grid.input_shape, post_xyzc.shape[-1]), dtype=np.float32) if want_posteriors else None
+    for c, label in enumerate(labels):
+        ch = np.ascontiguousarray(post_xyzc[..., c])
+        for a in range(3):
+            ch = _linear_along(ch, a, coords[a])
+        better = ch > best
+        best[better] = ch[better]
+        seg[better] = label
+        if post_out is not None:
+            post_out[..., c] = ch
+    return seg, post_out

@@ -1,0 +1,72 @@
+"""Progress reporting: a tqdm bar on a terminal, or parsable lines for a parent process.
+
+A parent (the Slicer module) runs the command line with ``--progress-lines`` and reads
+lines ``SYNTHSEG_PROGRESS {json}``, ``SYNTHSEG_RESULT {json}`` and ``SYNTHSEG_ERROR {json}``
+from its standard output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tqdm import tqdm
+
+PROGRESS_PREFIX = "SYNTHSEG_PROGRESS"
+RESULT_PREFIX = "SYNTHSEG_RESULT"
+ERROR_PREFIX = "SYNTHSEG_ERROR"
+
+
+def format_line(prefix: str, payload: dict) -> str:
+    """One machine-readable line."""
+    return f"{prefix} {json.dumps(payload, sort_keys=True)}"
+
+
+def parse_line(line: str) -> tuple[str, dict] | None:
+    """(prefix, payload) of a machine-readable line, or None for any other line."""
+    for prefix in (PROGRESS_PREFIX, RESULT_PREFIX, ERROR_PREFIX):
+        if line.startswith(prefix + " "):
+            try:
+                return prefix, json.loads(line[len(prefix) + 1:])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+class Progress:
+    """Reports per-image stage progress as an overall fraction of all images."""
+
+    def __init__(self, n_images: int, lines: bool = False, bar: bool | None = None):
+        self.n = max(1, n_images)
+        self.lines = lines
+        self.image = 0
+        show_bar = sys.stderr.isatty() if bar is None else bar
+        self.bar = tqdm(total=1000, unit="‰", disable=not show_bar or lines, leave=False,
+                        bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+        self._last = 0
+
+    def start_image(self, index: int) -> None:
+        self.image = index
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        overall = (self.image + min(max(fraction, 0.0), 1.0)) / self.n
+        if self.lines:
+            print(format_line(PROGRESS_PREFIX, {"image": self.image + 1, "images": self.n,
+                                                "stage": stage, "fraction": round(overall, 4)}),
+                  flush=True)
+        ticks = int(overall * 1000)
+        if ticks > self._last:
+            self.bar.set_description(f"image {self.image + 1}/{self.n}: {stage}")
+            self.bar.update(ticks - self._last)
+            self._last = ticks
+
+    def result(self, payload: dict) -> None:
+        if self.lines:
+            print(format_line(RESULT_PREFIX, payload), flush=True)
+
+    def error(self, payload: dict) -> None:
+        if self.lines:
+            print(format_line(ERROR_PREFIX, payload), flush=True)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,77 @@
+"""Soft volumes and SynthSeg's ``--vol`` CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OutputPathError
+from .labels import csv_names
+
+
+def soft_volumes(posteriors_xyzc: np.ndarray, dtype=np.float32, chunk: int = 4) -> np.ndarray:
+    """Per-channel sums over voxels of channels 1.., accumulated voxel by voxel in C order.
+
+    ``posteriors_xyzc`` is the (X, Y, Z, C) array, or any view of it, in the INPUT's voxel
+    order: SynthSeg sums that array sequentially, so the same order gives the same digits.
+    """
+    n_ch = posteriors_xyzc.shape[-1]
+    acc = np.zeros((1, n_ch - 1), dtype=dtype)
+    for a in range(0, posteriors_xyzc.shape[0], chunk):
+        rows = np.ascontiguousarray(posteriors_xyzc[a:a + chunk], dtype=dtype).reshape(-1, n_ch)[:, 1:]
+        acc = np.add.reduce(np.concatenate([acc, rows]), axis=0, keepdims=True)
+    return acc[0]
+
+
+def volume_row(sums: np.ndarray, voxel_volume, with_total: bool) -> list:
+    """Volumes as SynthSeg prints them: optional total first, times voxel volume, 3 decimals.
+
+    The dtype of ``sums`` decides the printing (float32 without ``--crop``, float64 with).
+    """
+    values = sums
+    if with_total:
+        values = np.concatenate([np.array([np.sum(sums)], dtype=sums.dtype), sums])
+    values = np.around(values * values.dtype.type(voxel_volume), 3)
+    return [str(v) for v in values]
+
+
+def csv_header(labels: list[int]) -> list[str]:
+    """``subject``, ``total intracranial`` (when CSF is segmented), the structure names."""
+    names = csv_names(labels[1:])
+    return ["subject", *(["total intracranial"] if 24 in labels else []), *names]
+
+
+def subject_name(path: Path) -> str:
+    """SynthSeg's row name: the base name with only ``.nii.gz`` removed."""
+    return path.name.replace(".nii.gz", "")
+
+
+def write_volumes_csv(path: Path, labels: list[int], rows: Iterable[list[str]]) -> Path:
+    """Write the CSV (CRLF line ends, as Python's csv writer) atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(csv_header(labels))
+    for row in rows:
+        writer.writerow(row)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from e
+    return path
+
+
+def read_volumes_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a volumes CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]

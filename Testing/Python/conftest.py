@@ -1,0 +1,39 @@
+"""Shared test fixtures: reference data from ../shared and models made from it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("SYNTHSEG_MONAI_SHARED", REPO.parent / "shared"))
+KERAS_REF = SHARED / "reference" / "keras-synthseg"
+
+# the Slicer-side packages live beside the engine in the module folders
+for folder in (REPO / "SynthSegMONAI", REPO / "SynthSegMONAITraining"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def keras_ref() -> Path:
+    if not KERAS_REF.is_dir():
+        pytest.fail(f"reference fixtures not found at {KERAS_REF} (set SYNTHSEG_MONAI_SHARED)")
+    return KERAS_REF
+
+
+@pytest.fixture(scope="session")
+def imported_models(keras_ref, tmp_path_factory) -> dict[str, Path]:
+    """The random-weight reference Keras files converted to model files: {'2.0': path, '1.0': path}."""
+    from SynthSegMONAILib.keras_import import import_keras
+
+    out = tmp_path_factory.mktemp("models")
+    return {v: import_keras(keras_ref / f"synthseg_{v}_random.h5", out / f"synthseg_{v}.safetensors")
+            for v in ("2.0", "1.0")}
