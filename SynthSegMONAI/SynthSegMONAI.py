@@ -20,6 +20,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
 from SynthSegMONAISlicerLib import dependencies, models, parameters
 from SynthSegMONAISlicerLib.segment_job import (
     JobState,
@@ -504,6 +505,7 @@ class SynthSegMONAITest(ScriptedLoadableModuleTest):
         import tempfile
 
         import SampleData
+
         from SynthSegMONAISlicerLib import testing
 
         self.delayDisplay("Loading MRHead")

@@ -60,7 +60,8 @@ def _output_name(inp: Path, out: str | None, tag: str, folder_mode: bool) -> Pat
     out_path = Path(out).expanduser()
     if folder_mode or image_suffix(out_path) is None:
         suffix = image_suffix(inp)
-        stem = inp.name[: -len(suffix)]
+        stem = inp.name[: -len(suffix)] if suffix else inp.stem
+        suffix = suffix or ".nii.gz"
         return out_path / f"{stem}_{tag}{suffix}"
     return out_path
 

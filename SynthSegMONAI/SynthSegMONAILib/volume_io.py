@@ -87,13 +87,35 @@ def load_image(path: str | os.PathLike) -> Image:
             affine = np.asarray(img.affine, dtype=np.float64)
             header = img.header
             zooms = np.asarray(header.get_zooms(), dtype=np.float32)
+            if suffix in (".nii", ".nii.gz"):
+                zooms = _raw_nifti_zooms(path, zooms)
     except InputImageError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise InputImageError(f"{path}: corrupt or truncated compressed file ({e})") from e
     except Exception as e:  # nibabel and pynrrd raise many types for unreadable files
+        if suffix in (".nii.gz", ".mgz") and not _gzip_intact(path):
+            raise InputImageError(f"{path}: corrupt or truncated compressed (gzip) file") from e
         raise InputImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     return check_image(Image(np.squeeze(data), affine, header, zooms, path))
+
+
+def _raw_nifti_zooms(path: Path, zooms: np.ndarray) -> np.ndarray:
+    """Voxel sizes as stored: nibabel silently replaces zero or negative pixdim on load."""
+    with nib.openers.ImageOpener(str(path)) as f:
+        raw = nib.Nifti1Header.from_fileobj(f, check=False)
+    stored = np.asarray(raw["pixdim"][1:1 + len(zooms)], dtype=np.float32)
+    return stored if np.any(stored[:3] <= 0) else zooms
+
+
+def _gzip_intact(path: Path) -> bool:
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+        return True
+    except (OSError, EOFError, zlib.error):
+        return False
 
 
 def check_image(image: Image) -> Image:

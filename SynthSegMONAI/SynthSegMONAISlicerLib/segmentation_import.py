@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 import vtk
+
 from SynthSegMONAILib import labels as label_table
 
 DICOM_CONTEXT = "Segmentation category and type - DICOM master list"

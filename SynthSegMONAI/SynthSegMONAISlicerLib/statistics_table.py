@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import vtk
+
 from SynthSegMONAILib import labels as label_table
 
 TIV_HEADER = "total intracranial"

@@ -20,6 +20,7 @@ def make_tiny_model(path: str | Path, levels: dict[int, float] | None = None,
                     sharpness: float = 40.0, preprocessing: dict | None = None) -> Path:
     """Write a 3-level, 4-feature model mapping intensity levels to labels (see module doc)."""
     import torch
+
     from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING, ModelInfo, save_model
     from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
 

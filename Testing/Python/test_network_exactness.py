@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from SynthSegMONAILib.inference import SlabNetwork
 from SynthSegMONAILib.keras_import import load_keras_model
 from SynthSegMONAILib.model_file import load_model

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from SynthSegMONAILib.cli import main
 
 RUNS = ["t1_default", "t1_fast", "t1_v1", "t1_crop64", "t2w_default", "t2w_fast", "flair_default",

@@ -14,6 +14,7 @@ import slicer
 import slicer_fixtures as fx
 import vtk
 from slicer_fixtures import add_volume, affine, rotation, scene_node_ids
+
 from SynthSegMONAILib import labels as label_table
 from SynthSegMONAISlicerLib import dependencies, models, parameters, statistics_table
 from SynthSegMONAISlicerLib.process_runner import (

@@ -17,6 +17,7 @@ import pytest
 import slicer
 import slicer_fixtures as fx
 from slicer_fixtures import add_volume, centred_affine, scene_node_ids
+
 from SynthSegMONAISlicerLib.testing import phantom
 
 scene, tiny_model, model_home = fx.scene, fx.tiny_model, fx.model_home

@@ -20,12 +20,13 @@ import slicer
 import slicer_fixtures as fx
 import vtk
 from slicer_fixtures import add_volume, centred_affine, rotation, scene_node_ids
+from vtk.util import numpy_support
+
 from SynthSegMONAILib import labels as label_table
 from SynthSegMONAISlicerLib import statistics_table
 from SynthSegMONAISlicerLib.segment_job import JobState, SegmentationError, SegmentationJob, SegmentOptions
 from SynthSegMONAISlicerLib.segmentation_import import terminology_entry
 from SynthSegMONAISlicerLib.testing import PHANTOM_LEVELS, expected_labels, phantom, voxel_centres_ras
-from vtk.util import numpy_support
 
 scene, tiny_model = fx.scene, fx.tiny_model
 
