@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SynthSegMONAITraining"))
 
 from monai.losses import DiceLoss  # noqa: E402
+
 from SynthSegMONAITrainingLib.config import Config  # noqa: E402
 from SynthSegMONAITrainingLib.label_maps import find_label_maps, load_generation_table, load_label_map  # noqa: E402
 from SynthSegMONAITrainingLib.loop import build_model, build_optimizer  # noqa: E402

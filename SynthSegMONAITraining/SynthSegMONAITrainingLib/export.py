@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from SynthSegMONAILib.model_file import ModelInfo, save_model
 from SynthSegMONAILib.network import SynthSegUNet
 

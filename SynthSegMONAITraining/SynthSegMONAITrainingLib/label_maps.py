@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+
 from SynthSegMONAILib.labels import synthseg_labels
 
 GENERATION_TABLE_NAME = "synthseg_generation_labels.csv"

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 from monai.losses import DiceLoss
-from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
 
 from . import distributed as ddp
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state

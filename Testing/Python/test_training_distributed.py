@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from SynthSegMONAILib.model_file import load_model
 from training_fixtures import TRAIN_SCRIPT, needs_maps, run_train, subset_maps, tiny_args
+
+from SynthSegMONAILib.model_file import load_model
 
 MAPS = ["training_seg_01.nii.gz", "training_seg_02.nii.gz", "training_seg_03.nii.gz", "training_seg_16.nii.gz"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import yaml
+from training_fixtures import REPO, needs_maps, subset_maps, tiny_args
+
 from SynthSegMONAILib.labels import synthseg_labels
 from SynthSegMONAILib.model_file import load_model
 from SynthSegMONAITrainingLib.cli import main
 from SynthSegMONAITrainingLib.config import Config, load_config
-from training_fixtures import REPO, needs_maps, subset_maps, tiny_args
 
 MAPS = ["training_seg_01.nii.gz", "training_seg_02.nii.gz", "training_seg_03.nii.gz", "training_seg_16.nii.gz"]
 
@@ -160,10 +161,11 @@ def test_export_then_segment_with_the_engine(trained, tmp_path):
 
     import nibabel as nib
     import numpy as np
+    from training_fixtures import LABEL_MAPS
+
     from SynthSegMONAITrainingLib.config import SynthesisConfig
     from SynthSegMONAITrainingLib.label_maps import load_generation_table, load_label_map
     from SynthSegMONAITrainingLib.synthesis import Synthesizer
-    from training_fixtures import LABEL_MAPS
 
     exe = _engine_cli()
     if exe is None:
@@ -180,7 +182,8 @@ def test_export_then_segment_with_the_engine(trained, tmp_path):
     seg = nib.load(str(seg_path))
     values = set(np.unique(np.asarray(seg.dataobj)).astype(int).tolist())
     assert values <= set(synthseg_labels("1.0"))
-    assert seg.shape == (32, 32, 32) and np.allclose(seg.affine, np.diag([2.0, 2.0, 2.0, 1.0]), atol=1e-3)
+    extent = np.array(seg.shape) * np.array(seg.header.get_zooms()[:3])
+    assert np.allclose(extent, 64, atol=2)  # same field of view as the 32^3 x 2 mm input
 
 
 def test_engine_cli_dispatches_train(tmp_path):

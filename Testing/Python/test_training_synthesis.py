@@ -10,11 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from training_fixtures import ARRAYS_JSON, LABEL_MAPS, needs_maps
+
 from SynthSegMONAILib.labels import structure, synthseg_labels
 from SynthSegMONAITrainingLib.config import SynthesisConfig
 from SynthSegMONAITrainingLib.label_maps import LabelMap, LabelMapError, load_generation_table, load_label_map
 from SynthSegMONAITrainingLib.synthesis import Synthesizer
-from training_fixtures import ARRAYS_JSON, LABEL_MAPS, needs_maps
 
 NO_SPATIAL = dict(scaling_bounds=0.0, rotation_bounds=0.0, shearing_bounds=0.0, nonlin_std=0.0)
 
