@@ -34,17 +34,21 @@ def gaussian_kernel_3d(sigma: float) -> torch.Tensor:
     return torch.from_numpy((g / g.sum()).astype(np.float32))
 
 
+MIN_SLAB = 8  # thinner slabs spend more time recomputing their overlap than they save
+
+
 def _even_slab(budget_bytes: int, channels: int, cross_section: int, halo: int, n: int) -> int:
-    """Largest even slab thickness whose widest temporary fits in ``budget_bytes``."""
+    """Even slab thickness whose temporaries (``channels`` per row, overlap included) fit
+    in ``budget_bytes``, but at least MIN_SLAB rows."""
     rows = budget_bytes // max(1, channels * cross_section * 4) - 2 * halo
-    rows = max(2, min(n, int(rows)))
+    rows = max(MIN_SLAB, min(n, int(rows)))
     return max(2, rows - rows % 2)
 
 
 class SlabNetwork:
     """Evaluates a :class:`SynthSegUNet` slab by slab; see the module docstring."""
 
-    def __init__(self, model: SynthSegUNet, slab_budget_mb: int = 256):
+    def __init__(self, model: SynthSegUNet, slab_budget_mb: int = 512):
         self.model = model.eval()
         self.budget = slab_budget_mb * 2**20
         cfg = model.config
@@ -52,23 +56,36 @@ class SlabNetwork:
         self.n_convs = cfg.convs_per_level
 
     # -- building blocks -------------------------------------------------------------
-    def _conv(self, block, t: torch.Tensor, lo: int, hi: int, n: int
+    def _conv(self, block, parts: list[torch.Tensor], lo: int, hi: int, n: int
               ) -> tuple[torch.Tensor, int, int]:
-        """One 'same' conv + ELU on rows [lo, hi) of an axis of length n."""
+        """One 'same' conv + ELU on rows [lo, hi) of an axis of length n.
+
+        ``parts`` together are the conv's input channels: each is convolved with its slice
+        of the weights and the results summed, so no concatenated copy is ever made.
+        Zero padding along the slab axis is added only at the volume's own borders.
+        """
         h = self.halo
         pad_lo = h if lo == 0 else 0
         pad_hi = h if hi == n else 0
-        x = F.pad(t, (h, h, h, h, pad_lo, pad_hi))
-        y = F.elu(F.conv3d(x, block.conv.weight, block.conv.bias))
-        return y, lo + h - pad_lo, hi - h + pad_hi
+        weight, y, c0 = block.conv.weight, None, 0
+        for part in parts:
+            c1 = c0 + part.shape[1]
+            if pad_lo or pad_hi:
+                part = F.pad(part, (0, 0, 0, 0, pad_lo, pad_hi))
+            out = F.conv3d(part, weight[:, c0:c1], None, padding=(0, h, h))
+            y = out if y is None else y.add_(out)
+            c0 = c1
+        y.add_(block.conv.bias.view(1, -1, 1, 1, 1))
+        return F.elu(y, inplace=True), lo + h - pad_lo, hi - h + pad_hi
 
     def _features(self, level: UNetLevel, get_input, a: int, b: int, n: int) -> torch.Tensor:
         """The level's conv stack output (its skip connection) on rows [a, b)."""
         reach = self.n_convs * self.halo
         lo, hi = max(a - reach, 0), min(b + reach, n)
-        x = get_input(lo, hi)
+        parts = get_input(lo, hi)
         for block in level.convs:
-            x, lo, hi = self._conv(block, x, lo, hi, n)
+            x, lo, hi = self._conv(block, parts, lo, hi, n)
+            parts = [x]
         return x[:, :, a - lo: b - lo]
 
     @staticmethod
@@ -102,14 +119,14 @@ class SlabNetwork:
         # encoder: levels 0 .. levels-2 in slabs; the skip of level 0 is not kept
         for i in range(levels - 1):
             level, n = model.encoder[i], sizes[i]
-            widest = max(feats[i], inp.shape[1])
+            widest = inp.shape[1] + 2 * feats[i]
             s = _even_slab(self.budget, widest, cross[i], self.n_convs * self.halo, n)
             pooled_parts = []
             skip = torch.empty((1, feats[i], *inp.shape[2:]), dtype=x.dtype, device=x.device) if i > 0 else None
             src = inp
             for a in range(0, n, s):
                 b = min(a + s, n)
-                f = self._features(level, lambda lo, hi, src=src: src[:, :, lo:hi], a, b, n)
+                f = self._features(level, lambda lo, hi, src=src: [src[:, :, lo:hi]], a, b, n)
                 if skip is not None:
                     skip[:, :, a:b] = f
                 pooled_parts.append(F.max_pool3d(level.bn(f), 2))
@@ -124,12 +141,12 @@ class SlabNetwork:
         del inp
         for i in range(levels - 2, 0, -1):
             level, n = model.decoder[i], sizes[i]
-            s = _even_slab(self.budget, feats[i] + feats[i + 1], cross[i], self.n_convs * self.halo, n)
+            s = _even_slab(self.budget, 3 * feats[i] + feats[i + 1], cross[i], self.n_convs * self.halo, n)
             out = torch.empty((1, feats[i], *skips[i].shape[2:]), dtype=x.dtype, device=x.device)
             skip, low = skips[i], dec
 
             def get_input(lo, hi, skip=skip, low=low):
-                return torch.cat([skip[:, :, lo:hi], self._upsampled(low, lo, hi)], dim=1)
+                return [skip[:, :, lo:hi], self._upsampled(low, lo, hi)]
 
             for a in range(0, n, s):
                 b = min(a + s, n)
@@ -146,16 +163,15 @@ class SlabNetwork:
             kernel = gaussian_kernel_3d(sigma).to(x.device, x.dtype)
             smooth_halo = kernel.shape[0] // 2
         n_out = model.config.out_channels
-        widest = max(feats[0] + feats[1], n_out)
+        widest = max(3 * feats[0] + feats[1], 2 * n_out)
         halo = smooth_halo + 2 * self.n_convs * self.halo
         s = _even_slab(self.budget, widest, cross[0], halo, n)
 
         def enc0_input(lo, hi):
-            return x[:, :, lo:hi]
+            return [x[:, :, lo:hi]]
 
         def dec0_input(lo, hi, low=dec):
-            skip0 = self._features(enc0, enc0_input, lo, hi, n)
-            return torch.cat([skip0, self._upsampled(low, lo, hi)], dim=1)
+            return [self._features(enc0, enc0_input, lo, hi, n), self._upsampled(low, lo, hi)]
 
         for a in range(0, n, s):
             b = min(a + s, n)
@@ -167,9 +183,10 @@ class SlabNetwork:
                 h = smooth_halo
                 pad_lo = h if lo == 0 else 0
                 pad_hi = h if hi == n else 0
-                p = F.pad(p, (h, h, h, h, pad_lo, pad_hi))
+                if pad_lo or pad_hi:
+                    p = F.pad(p, (0, 0, 0, 0, pad_lo, pad_hi))
                 w = kernel[None, None].expand(n_out, 1, *kernel.shape)
-                p = F.conv3d(p, w, groups=n_out)
+                p = F.conv3d(p, w, groups=n_out, padding=(0, h, h))
                 lo = lo + h - pad_lo
             emit(a, b, p[:, :, a - lo: b - lo])
             if progress:
@@ -182,7 +199,8 @@ class SlabNetwork:
         """Smoothed posteriors (C, X, Y, Z) of a padded volume (X, Y, Z), flip-averaged if asked."""
         x = volume[None, None]
         n_out = self.model.config.out_channels
-        out = torch.empty((n_out, *volume.shape), dtype=volume.dtype, device=volume.device)
+        # allocated at the first emitted slab, once the lower levels' buffers are freed
+        out = None
         n = volume.shape[0]
         passes = 2 if flip_indices is not None else 1
 
@@ -190,6 +208,9 @@ class SlabNetwork:
             return (lambda f: progress((k + f) / passes)) if progress else None
 
         def write_direct(a, b, p):
+            nonlocal out
+            if out is None:
+                out = torch.empty((n_out, *volume.shape), dtype=volume.dtype, device=volume.device)
             out[:, a:b] = p[0]
 
         self._pass(x, write_direct, sigma, stage_progress(0))

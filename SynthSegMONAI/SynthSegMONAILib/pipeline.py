@@ -79,7 +79,7 @@ class Segmenter:
     """Holds a model and segments images with SynthSeg's pipeline."""
 
     def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 slab_budget_mb: int = 256):
+                 slab_budget_mb: int = 512):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = choose_device(device)
@@ -110,6 +110,7 @@ class Segmenter:
         lap("load")
         report("preprocessing", STAGES["preprocessing"][0])
         prep = self._preprocess(image, crop)
+        image.data = None  # the network needs only the padded copy: free the original
         lap("preprocess")
 
         def net_progress(f: float) -> None:
