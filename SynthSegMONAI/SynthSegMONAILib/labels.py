@@ -32,14 +32,19 @@ class Structure:
     in_v1: bool
 
 
-def label_table_path() -> Path:
-    """Location of the label table: inside the installed package, else the source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "resources" / LABEL_TABLE_NAME,
-                      here.parents[1] / "Resources" / LABEL_TABLE_NAME):
+def resource_path(name: str, package_dir: Path) -> Path:
+    """A shared resource file: ``<package>/resources/`` (installed copy), else the extension's
+    top-level ``Resources/`` folder (source tree)."""
+    package_dir = Path(package_dir).resolve()
+    for candidate in (package_dir / "resources" / name, package_dir.parents[1] / "Resources" / name):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{LABEL_TABLE_NAME} not found next to {here}")
+    raise FileNotFoundError(f"{name} not found next to {package_dir}")
+
+
+def label_table_path() -> Path:
+    """Location of the label table."""
+    return resource_path(LABEL_TABLE_NAME, Path(__file__).parent)
 
 
 @functools.lru_cache(maxsize=1)

@@ -25,6 +25,7 @@ from .preprocess import (
     Orientation,
     ResampleGrid,
     centre_crop_box,
+    linear_along_axis,
     needs_resampling,
     normalise,
     padding_box,
@@ -156,8 +157,8 @@ class Segmenter:
             voxel_volume = np.float32(target**3)
         resampled = data
         ras, _, orientation = reorient_to_ras(data, affine)
-        multiple = 32  # SynthSeg pads to multiples of 2**n_levels with its 5 levels
-        multiple = max(multiple, self.model.config.size_multiple)
+        # SynthSeg pads to multiples of 2**5 (its level count); deeper networks need more
+        multiple = max(32, self.model.config.size_multiple)
         if crop:
             crop = list(crop) * 3 if len(crop) == 1 else list(crop)
             box = centre_crop_box(ras.shape, crop, multiple)
@@ -230,8 +231,6 @@ def _input_coordinates(grid: ResampleGrid, axis: int, n_resampled: int) -> np.nd
 def _to_input_grid(post_xyzc: np.ndarray, grid: ResampleGrid, labels: list[int], want_posteriors: bool
                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """Resample 1 mm posteriors (input voxel order) onto the input grid; argmax there."""
-    from .preprocess import _linear_along
-
     coords = [_input_coordinates(grid, a, post_xyzc.shape[a]) for a in range(3)]
     best = np.full(grid.input_shape, -1.0, dtype=np.float32)
     seg = np.zeros(grid.input_shape, dtype=np.int32)
@@ -239,7 +238,7 @@ def _to_input_grid(post_xyzc: np.ndarray, grid: ResampleGrid, labels: list[int],
     for c, label in enumerate(labels):
         ch = np.ascontiguousarray(post_xyzc[..., c])
         for a in range(3):
-            ch = _linear_along(ch, a, coords[a])
+            ch = linear_along_axis(ch, a, coords[a])
         better = ch > best
         best[better] = ch[better]
         seg[better] = label

@@ -47,7 +47,8 @@ def resample_grid(shape: tuple[int, ...], affine: np.ndarray, target: float = 1.
     return ResampleGrid(start=start, step=step, stop=stop, input_shape=tuple(int(n) for n in shape[:3]))
 
 
-def _linear_along(data: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+def linear_along_axis(data: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``data`` along ``axis`` at (clipped) positions ``coords``."""
     n = data.shape[axis]
     if n == 1:
         return np.repeat(data, len(coords), axis=axis)
@@ -65,7 +66,7 @@ def resample_linear(data: np.ndarray, grid: ResampleGrid) -> np.ndarray:
     """Trilinear interpolation of a 3D array (or 3D + channels) onto ``grid``."""
     out = data
     for axis in range(3):
-        out = _linear_along(out, axis, grid.coordinates(axis))
+        out = linear_along_axis(out, axis, grid.coordinates(axis))
     return out
 
 

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from SynthSegMONAILib.labels import synthseg_labels
+from SynthSegMONAILib.labels import resource_path, synthseg_labels
 
 GENERATION_TABLE_NAME = "synthseg_generation_labels.csv"
 LABEL_MAP_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
@@ -30,13 +30,8 @@ class LabelMapError(ValueError):
 
 
 def generation_table_path() -> Path:
-    """Location of the generation table: inside the installed package, else the source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "resources" / GENERATION_TABLE_NAME,
-                      here.parents[1] / "Resources" / GENERATION_TABLE_NAME):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{GENERATION_TABLE_NAME} not found next to {here}")
+    """Location of the generation table."""
+    return resource_path(GENERATION_TABLE_NAME, Path(__file__).parent)
 
 
 @dataclass(frozen=True)
