@@ -1,0 +1,91 @@
+"""The streamed, slab-wise network equals a plain whole-volume evaluation of SynthSeg's wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from SynthSegMONAILib.inference import SlabNetwork, gaussian_kernel_3d, upsampling_conv_weights
+from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
+
+
+def _random_model(cfg: UNetConfig, seed: int = 0) -> SynthSegUNet:
+    torch.manual_seed(seed)
+    model = SynthSegUNet(cfg).eval()
+    with torch.no_grad():
+        for level in [*model.encoder, *model.decoder]:
+            level.bn.running_mean.uniform_(-0.2, 0.2)
+            level.bn.running_var.uniform_(0.5, 1.5)
+            level.bn.weight.uniform_(0.5, 1.5)
+            level.bn.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _reference(model: SynthSegUNet, volume: torch.Tensor, sigma: float | None, flip: np.ndarray | None
+               ) -> torch.Tensor:
+    """SynthSeg's wrapper computed the obvious way, on the whole volume at once."""
+    n_out = model.config.out_channels
+
+    def one(x):
+        p = torch.softmax(model(x[None, None]), 1)
+        if sigma:
+            k = gaussian_kernel_3d(sigma)
+            p = F.conv3d(p, k[None, None].expand(n_out, 1, *k.shape), groups=n_out, padding=k.shape[0] // 2)
+        return p[0]
+
+    with torch.no_grad():
+        p = one(volume)
+        if flip is not None:
+            p = 0.5 * (p + one(volume.flip(0)).flip(1)[torch.as_tensor(flip)])
+    return p
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_upsampling_conv_weights_reproduce_conv_of_upsampled_volume(kernel):
+    torch.manual_seed(1)
+    low = torch.randn(1, 4, 5, 6, 7)
+    weight = torch.randn(3, 4, kernel, kernel, kernel)
+    expected = F.conv3d(F.interpolate(low, scale_factor=2, mode="nearest"), weight, padding=kernel // 2)
+    model = _random_model(UNetConfig(levels=2, features=4, out_channels=3, kernel_size=kernel))
+    net = SlabNetwork(model)
+    w_up = upsampling_conv_weights(weight).contiguous(memory_format=net.layout)
+    assert w_up.shape == (24, 4, kernel // 2 + 1, kernel // 2 + 1, kernel // 2 + 1)
+    # every output row range, odd starts and ends included
+    for lo, hi in [(0, 10), (1, 10), (3, 8), (0, 1), (9, 10), (4, 7)]:
+        y = torch.zeros(1, 3, hi - lo, 12, 14)
+        net._add_upsampled_conv(y, low, w_up, lo, hi)
+        assert torch.allclose(y, expected[:, :, lo:hi], atol=1e-4), (lo, hi)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("cfg,shape", [
+    (UNetConfig(levels=3, features=4, out_channels=5), (24, 16, 20)),
+    (UNetConfig(levels=3, features=3, out_channels=4, kernel_size=5, convs_per_level=3), (20, 12, 16)),
+    (UNetConfig(levels=4, features=4, out_channels=6, convs_per_level=1), (40, 24, 16)),
+])
+def test_streamed_slabs_equal_whole_volume(cfg, shape, channels_last):
+    model = _random_model(cfg)
+    torch.manual_seed(2)
+    volume = torch.randn(*shape)
+    flip = np.roll(np.arange(cfg.out_channels), 1)  # any channel permutation
+    flip[0] = 0
+    for sigma, flip_indices in [(None, None), (0.5, flip)]:
+        expected = _reference(model, volume, sigma, flip_indices)
+        # budgets from the thinnest slabs to the whole volume in one slab
+        for budget_mb in (0, 1, 64):
+            net = SlabNetwork(model, slab_budget_mb=budget_mb, channels_last=channels_last)
+            got = net.posteriors(volume, sigma=sigma, flip_indices=flip_indices)
+            assert got.shape == (cfg.out_channels, *shape)
+            assert torch.allclose(got, expected, atol=2e-5), (sigma, budget_mb)
+
+
+def test_progress_rises_to_one():
+    model = _random_model(UNetConfig(levels=3, features=4, out_channels=5))
+    seen = []
+    SlabNetwork(model, slab_budget_mb=0).posteriors(torch.randn(16, 16, 16), flip_indices=np.arange(5),
+                                                    progress=seen.append)
+    assert seen == sorted(seen)
+    assert seen[-1] == pytest.approx(1.0)
+    assert len(seen) > 10
