@@ -80,7 +80,7 @@ class Segmenter:
     """Holds a model and segments images with SynthSeg's pipeline."""
 
     def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 slab_budget_mb: int = 512):
+                 slab_budget_mb: int = 256):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = choose_device(device)
@@ -200,8 +200,8 @@ class Segmenter:
                 affine = image.affine
             else:
                 seg = np.ascontiguousarray(prep.orientation.from_ras(seg_ras))
-                post_in = (np.ascontiguousarray(prep.orientation.from_ras(post_ras))
-                           if outputs.posteriors is not None else None)
+                # a view: NIfTI writing copies it one channel at a time
+                post_in = prep.orientation.from_ras(post_ras) if outputs.posteriors is not None else None
                 affine = prep.affine
             save_image(seg, affine, header, tx.temporary(outputs.segmentation), dtype="int32")
             if outputs.posteriors is not None:

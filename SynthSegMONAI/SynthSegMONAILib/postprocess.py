@@ -32,7 +32,10 @@ def postprocess_default(post: np.ndarray, topological_classes: np.ndarray,
     # classes have disjoint channels, so each class's mask can be taken when it is needed
     for cls in np.unique(topological_classes)[1:]:
         channels = np.where(topological_classes == cls)[0]
-        keep = largest_component(np.any(post[channels] > threshold, axis=0))
+        union = post[channels[0]] > threshold
+        for c in channels[1:]:
+            union |= post[c] > threshold
+        keep = largest_component(union)
         for c in channels:
             post[c] *= keep
     return post[(slice(None), *crop)]
@@ -43,7 +46,8 @@ def postprocess_fast(post: np.ndarray, crop: tuple[slice, slice, slice], thresho
     """SynthSeg's ``--fast`` mode: unpad, keep the brain's largest component, zero values <= low."""
     post = post[(slice(None), *crop)]
     post[1:] *= _brain_mask(post, threshold)
-    post[1:] *= post[1:] > low
+    for channel in post[1:]:  # one channel at a time: no volume-sized temporaries
+        channel *= channel > low
     return post
 
 

@@ -153,7 +153,7 @@ def _nifti_like(data: np.ndarray, affine: np.ndarray, header, dtype: str | None)
     if dtype is not None:
         if "int" in dtype:
             data = np.round(data)
-        data = data.astype(dtype)
+        data = data.astype(dtype, copy=False)  # views stay views: nibabel writes them slice by slice
     img = nib.Nifti1Image(data, affine, header if isinstance(header, nib.Nifti1Header) or header is None
                           else _header_for_nifti(header))
     if dtype is not None:
@@ -194,7 +194,7 @@ def _save_nrrd(data: np.ndarray, affine: np.ndarray, path: Path, dtype: str | No
         data = (np.round(data) if "int" in dtype else data).astype(dtype)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     header = {"space": "left-posterior-superior",
-              "space directions": [list(c) for c in lps[:3, :3].T] + ([None] if data.ndim == 4 else []),
+              "space directions": [list(c) for c in lps[:3, :3].T] + ([[np.nan] * 3] if data.ndim == 4 else []),
               "space origin": list(lps[:3, 3]),
               "kinds": ["domain"] * 3 + (["vector"] if data.ndim == 4 else []),
               "encoding": "gzip"}

@@ -1,0 +1,141 @@
+"""The command line beyond SynthSeg's own runs: NRRD in and out, the input's grid, progress
+lines for a parent process, model import and listing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import torch
+
+from SynthSegMONAILib.cli import main
+from SynthSegMONAILib.labels import synthseg_labels
+from SynthSegMONAILib.model_file import ModelInfo, load_model, save_model
+from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
+from SynthSegMONAILib.progress import PROGRESS_PREFIX, RESULT_PREFIX, parse_line
+
+LABELS = synthseg_labels("2.0")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = UNetConfig(out_channels=len(LABELS), levels=2, features=4)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING
+
+    # SynthSeg pads to at least 128^3; 32^3 keeps these command-line tests quick
+    pre = dict(DEFAULT_PREPROCESSING, min_pad=32)
+    return save_model(path, SynthSegUNet(cfg), ModelInfo(network=cfg, labels=LABELS, name="tiny", preprocessing=pre))
+
+
+def _head(shape=(24, 26, 22)) -> np.ndarray:
+    g = np.indices(shape, dtype=np.float32)
+    centre = (np.asarray(shape, dtype=np.float32) / 2)[:, None, None, None]
+    r = np.sqrt((((g - centre) / centre) ** 2).sum(0))
+    rng = np.random.default_rng(0)
+    return (np.where(r < 0.9, 80.0, 5.0) + np.where(r < 0.5, 40.0, 0.0) + rng.normal(0, 2, shape)).astype(np.float32)
+
+
+def _segment(tiny_model, inp: Path, out: Path, *extra: str) -> int:
+    return main(["--i", str(inp), "--o", str(out), "--model", str(tiny_model), "--threads", "2", *extra])
+
+
+def test_nrrd_input_and_outputs_match_the_nifti_run(tiny_model, tmp_path):
+    data = _head()
+    spacing, origin = np.array([1.0, 1.0, 1.0]), np.array([-12.0, 30.0, -8.0])
+    lps_dirs = np.diag(spacing)
+    nrrd.write(str(tmp_path / "t1.nrrd"), data, {"space": "left-posterior-superior",
+                                                  "space directions": lps_dirs, "space origin": origin},
+               index_order="F")
+    # the same image as NIfTI: RAS = diag(-1, -1, 1) LPS
+    ras = np.eye(4)
+    ras[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ lps_dirs
+    ras[:3, 3] = origin * [-1, -1, 1]
+    nib.save(nib.Nifti1Image(data, ras), str(tmp_path / "t1.nii.gz"))
+
+    assert _segment(tiny_model, tmp_path / "t1.nrrd", tmp_path / "seg.nrrd", "--post", str(tmp_path / "post.nrrd")) == 0
+    assert _segment(tiny_model, tmp_path / "t1.nii.gz", tmp_path / "seg.nii.gz") == 0
+    seg, header = nrrd.read(str(tmp_path / "seg.nrrd"), index_order="F")
+    reference = nib.load(tmp_path / "seg.nii.gz")
+    assert np.array_equal(seg, np.asarray(reference.dataobj))
+    assert header["space"] == "left-posterior-superior"
+    lps_from_nifti = np.diag([-1.0, -1.0, 1.0, 1.0]) @ reference.affine
+    assert np.allclose(np.asarray(header["space directions"]), lps_from_nifti[:3, :3].T)
+    assert np.allclose(header["space origin"], lps_from_nifti[:3, 3])
+    assert set(np.unique(seg)) <= set(LABELS)
+
+    post, post_header = nrrd.read(str(tmp_path / "post.nrrd"), index_order="F")
+    assert post.shape == (*seg.shape, len(LABELS))
+    assert post_header["kinds"][-1] == "vector"
+    assert np.allclose(post.sum(-1), 1.0, atol=1e-4)
+    assert np.array_equal(np.asarray(LABELS)[post.argmax(-1)], seg)
+
+
+def test_output_on_the_input_grid(tiny_model, tmp_path):
+    data = _head((24, 26, 9))
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    affine[:3, 3] = [5.0, -7.0, 2.0]
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "thick.nii.gz"))
+
+    assert _segment(tiny_model, tmp_path / "thick.nii.gz", tmp_path / "seg_1mm.nii.gz") == 0
+    one_mm = nib.load(tmp_path / "seg_1mm.nii.gz")
+    assert np.allclose(one_mm.header.get_zooms(), 1.0)  # SynthSeg's grid by default
+
+    assert _segment(tiny_model, tmp_path / "thick.nii.gz", tmp_path / "seg.nii.gz",
+                    "--output-grid", "input", "--post", str(tmp_path / "post.nii.gz")) == 0
+    seg = nib.load(tmp_path / "seg.nii.gz")
+    assert seg.shape == data.shape
+    assert np.allclose(seg.affine, affine)
+    post = np.asarray(nib.load(tmp_path / "post.nii.gz").dataobj)
+    assert post.shape == (*data.shape, len(LABELS))
+    assert np.array_equal(np.asarray(LABELS)[post.argmax(-1)], np.asarray(seg.dataobj))
+
+
+def test_progress_lines_for_a_folder(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(_head(), np.eye(4)), str(folder / f"{name}.nii.gz"))
+    assert _segment(tiny_model, folder, tmp_path / "out", "--progress-lines") == 0
+    parsed = [parse_line(line) for line in capsys.readouterr().out.splitlines()]
+    progress = [p for kind, p in filter(None, parsed) if kind == PROGRESS_PREFIX]
+    results = [p for kind, p in filter(None, parsed) if kind == RESULT_PREFIX]
+    fractions = [p["fraction"] for p in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {p["image"] for p in progress} == {1, 2} and all(p["images"] == 2 for p in progress)
+    assert any(p["stage"] == "network" for p in progress)
+    assert [Path(r["segmentation"]).name for r in results] == ["a_synthseg.nii.gz", "b_synthseg.nii.gz"]
+    assert all(Path(r["segmentation"]).is_file() and r["seconds"] > 0 for r in results)
+    json.dumps(results)  # what the parent reads is plain JSON
+
+
+def test_import_keras_command_writes_a_loadable_model(keras_ref, imported_models, tmp_path, capsys):
+    out = tmp_path / "synthseg_2.0.safetensors"
+    assert main(["import-keras", str(keras_ref / "synthseg_2.0_random.h5"), "-o", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    model, info = load_model(out)
+    reference, _ = load_model(imported_models["2.0"])
+    assert info.labels == LABELS
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert main(["import-keras", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_models_lists_installed_models(tiny_model, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "mine.safetensors").write_bytes(tiny_model.read_bytes())
+    (folder / "broken.safetensors").write_bytes(b"not a model")
+    monkeypatch.setenv("SYNTHSEG_MONAI_MODELS", str(folder))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert str(folder) in out.splitlines()[0]
+    mine = next(line for line in out.splitlines() if line.startswith("mine\t"))
+    assert f"{len(LABELS)} labels" in mine
+    assert any(line.startswith("broken\tINVALID") for line in out.splitlines())
