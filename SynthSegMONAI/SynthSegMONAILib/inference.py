@@ -10,9 +10,11 @@ flow through its convolutions one after the other, and each convolution keeps on
 few rows of overlap its kernel needs from the previous slab. Nothing is computed twice,
 zero padding is applied only at the volume's own borders, and the result is the same as
 a whole-volume pass. Only the posteriors, the stored skip connections of the lower levels
-(overwritten in place by their decoder's output) and one slab's temporaries are ever in
-memory. The top level's skip connection is recomputed as part of the final stream
-instead of being stored.
+(overwritten in place by their decoder's output) and one slab's temporaries per stage
+are ever in memory: the encoder is a single stream from the input down to the
+bottleneck. The top level's skip connection is kept in the posterior buffer, whose rows
+it leaves just before their posteriors arrive (recomputed in the flip pass, where that
+buffer is full).
 
 The decoder convolutions see ``[skip, upsample(lower)]``; the upsampled half is never
 built: a 3x3x3 convolution of a x2 nearest-neighbour upsampling equals, for each of the 8
@@ -97,6 +99,13 @@ class SlabNetwork:
             self.enc = [[self._weights(c.conv) for c in level.convs] for level in model.encoder]
             self.dec = [[self._weights(c.conv, split=self.feats[i] if j == 0 else None)
                          for j, c in enumerate(level.convs)] for i, level in enumerate(model.decoder)]
+            # the top decoder's BatchNorm folded into the 1x1x1 head: one pass over the slab less
+            bn, head = model.decoder[0].bn, model.head
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            w = head.weight.detach()
+            self.head_weight = (w * scale.view(1, -1, 1, 1, 1)).contiguous(memory_format=self.layout)
+            self.head_bias = head.bias.detach() + w.flatten(1) @ shift
 
     def _weights(self, conv, split: int | None = None):
         w = conv.weight.detach()
@@ -142,6 +151,28 @@ class SlabNetwork:
             sx = i_first - i0 + (odd_shift if px else 0)
             sy, sz = (odd_shift if py else 0), (odd_shift if pz else 0)
             y[:, :, t0::2, py::2, pz::2] += z[:, k * cout:(k + 1) * cout, sx:sx + count, sy:sy + ym, sz:sz + zm]
+
+    def _posteriors_of(self, f: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+        """Softmax of the head's output for the top decoder's slab ``f`` (channels reordered
+        as ``channels`` when given: a free left-right label swap)."""
+        w, b = self.head_weight, self.head_bias
+        if channels is not None:
+            w, b = w[channels], b[channels]
+        logits = F.conv3d(f, w, b)
+        # softmax along the last axis is much faster than along a strided channel axis
+        return torch.softmax(logits.movedim(1, -1), -1).movedim(-1, 1)
+
+    @staticmethod
+    def _copy_rows(dst: torch.Tensor, src: torch.Tensor, add: bool = False, reverse: bool = False) -> None:
+        """dst[:, :, r] = src[:, :, r] (or +=; or into dst's rows in reverse order), row by
+        row: between memory layouts that is several times faster than one strided copy."""
+        n = dst.shape[2]
+        for r in range(n):
+            target = dst[:, :, n - 1 - r if reverse else r]
+            if add:
+                target.add_(src[:, :, r])
+            else:
+                target.copy_(src[:, :, r])
 
     @staticmethod
     def _slabs(t: torch.Tensor, rows: int) -> Rows:
@@ -197,18 +228,76 @@ class SlabNetwork:
             slabs = self._stream(slabs, n, self.halo, step)
         return slabs
 
+    # -- stream stages -----------------------------------------------------------------
+    def _input_slabs(self, x: torch.Tensor, rows: int, flipped: bool) -> Rows:
+        """Slabs of ``x``, or of ``x`` flipped along its first axis, in the working layout."""
+        n = x.shape[2]
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            slab = x[:, :, n - b: n - a].flip(2) if flipped else x[:, :, a:b]
+            yield slab.contiguous(memory_format=self.layout)
+
+    @staticmethod
+    def _rebatched(slabs: Rows, rows: int) -> Rows:
+        """The same rows in slabs of at least ``rows`` (the last may be thinner)."""
+        pending, count = [], 0
+        for slab in slabs:
+            pending.append(slab)
+            count += slab.shape[2]
+            del slab
+            if count >= rows:
+                out = [pending[0] if len(pending) == 1 else torch.cat(pending, 2)]
+                pending, count = [], 0
+                yield out.pop()
+        if pending:
+            yield torch.cat(pending, 2)
+
+    def _stored(self, slabs: Rows, store: torch.Tensor | None, on_rows: Callable[[int], None]) -> Rows:
+        """Pass slabs on, copying them into ``store`` (rows in order) when one is given."""
+        pos = 0
+        for slab in slabs:
+            if store is not None:
+                self._copy_rows(store[:, :, pos:pos + slab.shape[2]], slab)
+            pos += slab.shape[2]
+            on_rows(slab.shape[2])
+            out = [slab]
+            del slab
+            yield out.pop()
+
+    @staticmethod
+    def _pooled(slabs: Rows, bn: torch.nn.Module) -> Rows:
+        """2x2x2 max-pooling of BatchNorm(slabs); an odd row waits for the next slab."""
+        carry = None
+        for slab in slabs:
+            g = bn(slab)
+            del slab
+            if carry is not None:
+                g = torch.cat([carry, g], 2)
+            odd = g.shape[2] % 2
+            carry = g[:, :, -1:].clone() if odd else None
+            if g.shape[2] > odd:
+                out = [F.max_pool3d(g[:, :, : g.shape[2] - odd], 2)]
+                del g
+                yield out.pop()
+
     # -- one pass --------------------------------------------------------------------
-    def _pass(self, x: torch.Tensor, emit: Callable[[int, int, torch.Tensor], None],
-              sigma: float | None, progress: ProgressFn | None) -> None:
-        """Run the network on ``x`` (1, 1, X, Y, Z); emit(a, b, posteriors[a:b]) per slab."""
+    def _pass(self, x: torch.Tensor, flipped: bool, emit: Callable[[int, int, torch.Tensor], None],
+              sigma: float | None, progress: ProgressFn | None, skip0: torch.Tensor | None = None,
+              channels: torch.Tensor | None = None) -> None:
+        """Run the network on ``x`` (1, 1, X, Y, Z), or on ``x`` flipped along X;
+        emit(a, b, posteriors[a:b]) per slab, in order, channels reordered as ``channels``.
+
+        ``skip0``, when given, is a (1, F, X, Y, Z) buffer for the top level's skip
+        connection, which is then stored instead of recomputed. It may be the posterior
+        buffer itself: its rows are read before their posteriors are emitted.
+        """
         model, feats = self.model, self.feats
         levels = len(model.encoder)
-        shape = x.shape[2:]
-        size = [[s // 2**i for s in shape] for i in range(levels)]
+        size = [[s // 2**i for s in x.shape[2:]] for i in range(levels)]
         cross = [s[1] * s[2] for s in size]
-        # progress in proportion to each stage's multiply-adds
+        # progress in proportion to each stage's multiply-adds (roughly)
         work = [8.0**-i * feats[i] ** 2 for i in range(levels)]
-        total = 2 * sum(work[:-1]) + work[-1] + work[0]
+        total = 2 * sum(work[:-1]) + work[-1] + (0 if skip0 is not None else work[0])
         state = {"done": 0.0}
 
         def advance(amount: float) -> None:
@@ -216,67 +305,64 @@ class SlabNetwork:
             if progress:
                 progress(min(1.0, state["done"] / total))
 
-        def empty(channels: int, level: int) -> torch.Tensor:
-            return torch.empty((1, channels, *size[level]), dtype=x.dtype, device=x.device
-                               ).contiguous(memory_format=self.layout)
-
+        # encoder: one stream from the input down to the bottleneck's input
         skips: list[torch.Tensor | None] = [None] * levels
-        inp = x.contiguous(memory_format=self.layout)
-        for i in range(levels - 1):  # encoder; the top level's skip is not kept
+        stream = self._input_slabs(x, self._rows_for(4 * feats[0], cross[0]), flipped)
+        for i in range(levels - 1):
             level, n = model.encoder[i], size[i][0]
-            rows = self._rows_for(4 * feats[i], cross[i])
-            skip = empty(feats[i], i) if i > 0 else None
-            pooled = empty(feats[i], i + 1)
-            pos, carry = 0, None
-            for f in self._conv_stream(self._slabs(inp, rows), n, self.enc[i]):
-                r0, pos = pos, pos + f.shape[2]
-                if skip is not None:
-                    skip[:, :, r0:pos] = f
-                g = level.bn(f)
-                del f
-                if carry is not None:
-                    g, r0 = torch.cat([carry, g], 2), r0 - 1
-                carry = g[:, :, -1:].clone() if g.shape[2] % 2 else None
-                g = g[:, :, : g.shape[2] - g.shape[2] % 2]
-                pooled[:, :, r0 // 2: r0 // 2 + g.shape[2] // 2] = F.max_pool3d(g, 2)
-                advance(work[i] * (g.shape[2] + (carry is not None)) / n)
-                del g
-            skips[i], inp = skip, pooled
+            if i > 0:
+                stream = self._rebatched(stream, self._rows_for(4 * feats[i], cross[i]))
+                skips[i] = torch.empty((1, feats[i], *size[i]), dtype=x.dtype, device=x.device
+                                       ).contiguous(memory_format=self.layout)
+            stream = self._conv_stream(stream, n, self.enc[i])
+            stream = self._stored(stream, skips[i] if i > 0 else skip0,
+                                  lambda rows, i=i, n=n: advance(work[i] * rows / n))
+            stream = self._pooled(stream, level.bn)
         bottom = model.encoder[levels - 1]
-        low = bottom.bn(bottom.features(inp))
+        low = bottom.bn(bottom.features(torch.cat(list(stream), 2)))
         advance(work[-1])
-        del inp
         for i in range(levels - 2, 0, -1):  # decoder below the top: output replaces the skip
             level, n, skip = model.decoder[i], size[i][0], skips[i]
-            rows = self._rows_for(6 * feats[i], cross[i])
             pos = 0
             # rows of `skip` are read (and copied) by the stream before they are overwritten
-            for f in self._conv_stream(self._slabs(skip, rows), n, self.dec[i], low):
+            for f in self._conv_stream(self._slabs(skip, self._rows_for(6 * feats[i], cross[i])),
+                                       n, self.dec[i], low):
                 skip[:, :, pos:pos + f.shape[2]] = level.bn(f)
                 pos += f.shape[2]
                 advance(work[i] * f.shape[2] / n)
                 del f
             skips[i], low = None, skip
-        # top level: recompute the level-0 skip, decode, head, softmax, smoothing
-        dec0, n = model.decoder[0], size[0][0]
+        # top level: the level-0 skip (stored or recomputed), decode, head, softmax, smoothing
+        n = size[0][0]
         n_out = model.config.out_channels
         rows = self._rows_for(max(6 * feats[0], 4 * n_out), cross[0])
-        top = x.contiguous(memory_format=self.layout)
-        stream = self._conv_stream(self._slabs(top, rows), n, self.enc[0])
+        if skip0 is not None:
+            def stored_skip0() -> Rows:
+                for a in range(0, n, rows):
+                    slab = torch.empty((1, feats[0], min(rows, n - a), *size[0][1:]), dtype=x.dtype,
+                                       device=x.device).contiguous(memory_format=self.layout)
+                    self._copy_rows(slab, skip0[:, :, a:a + rows])
+                    yield slab
+                    del slab
+
+            stream = stored_skip0()
+            top_work = work[0]
+        else:
+            stream = self._conv_stream(self._input_slabs(x, rows, flipped), n, self.enc[0])
+            top_work = 2 * work[0]
         stream = self._conv_stream(stream, n, self.dec[0], low,
-                                   then=lambda f: torch.softmax(model.head(dec0.bn(f)), dim=1))
+                                   then=lambda f: self._posteriors_of(f, channels))
         if sigma:
             kernel = gaussian_kernel_3d(sigma).to(x.device, x.dtype)
             h = kernel.shape[0] // 2
             w = kernel[None, None].expand(n_out, 1, *kernel.shape).contiguous(memory_format=self.layout)
-
             stream = self._stream(stream, n, h,
                                   lambda win, lo, hi: F.conv3d(win, w, groups=n_out, padding=(0, h, h)))
         pos = 0
         for p in stream:
             emit(pos, pos + p.shape[2], p)
             pos += p.shape[2]
-            advance(2 * work[0] * p.shape[2] / n)
+            advance(top_work * p.shape[2] / n)
             del p
 
     @torch.no_grad()
@@ -286,27 +372,25 @@ class SlabNetwork:
         """Smoothed posteriors (C, X, Y, Z) of a padded volume (X, Y, Z), flip-averaged if asked."""
         x = volume[None, None]
         n_out = self.model.config.out_channels
-        # allocated at the first emitted slab, once the lower levels' buffers are freed
-        out = None
         n = volume.shape[0]
+        out = torch.empty((n_out, *volume.shape), dtype=volume.dtype, device=volume.device)
+        # the first pass keeps the top level's skip connection in the posterior buffer
+        skip0 = out[None, : self.feats[0]] if n_out >= self.feats[0] else None
         passes = 2 if flip_indices is not None else 1
 
         def stage_progress(k):
             return (lambda f: progress((k + f) / passes)) if progress else None
 
         def write_direct(a, b, p):
-            nonlocal out
-            if out is None:
-                out = torch.empty((n_out, *volume.shape), dtype=volume.dtype, device=volume.device)
-            out[:, a:b] = p[0]
+            self._copy_rows(out[None, :, a:b], p)
 
-        self._pass(x, write_direct, sigma, stage_progress(0))
+        self._pass(x, False, write_direct, sigma, stage_progress(0), skip0=skip0)
         if flip_indices is not None:
             idx = torch.as_tensor(np.asarray(flip_indices), device=volume.device)
 
-            def add_flipped(a, b, p):
-                out[:, n - b: n - a] += p[0].flip(1)[idx]
+            def add_flipped(a, b, p):  # rows come flipped, channels already swapped
+                self._copy_rows(out[None, :, n - b: n - a], p, add=True, reverse=True)
 
-            self._pass(x.flip(2), add_flipped, sigma, stage_progress(1))
+            self._pass(x, True, add_flipped, sigma, stage_progress(1), channels=idx)
             out *= 0.5
         return out
