@@ -77,7 +77,7 @@ def main() -> int:
             # peak RSS via a wrapper that reports the child's rusage
             r = _measure(cmd)
             results.append(r)
-            print(f"  {mode} run {k + 1}: {r['wall']:.1f} s, peak RSS {r['peak_mb']:.0f} MB, "
+            print(f"  {mode} run {k + 1}: {r['wall']:.1f} s, peak RSS {r['peak_mb']:.0f} MiB, "
                   f"stages {r['timings']}", flush=True)
         med = statistics.median(r["wall"] for r in results)
         peak = max(r["peak_mb"] for r in results)
@@ -86,7 +86,7 @@ def main() -> int:
     print("\n| mode | wall time (median) | peak RSS | load | preprocess | network | postprocess | write |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, med, peak, st in rows:
-        print(f"| {mode} | {med:.1f} s | {peak / 1024:.2f} GB | {st['load']:.1f} s | {st['preprocess']:.1f} s | "
+        print(f"| {mode} | {med:.1f} s | {peak / 1024:.2f} GiB ({peak * 2**20 / 1e9:.2f} GB) | {st['load']:.1f} s | {st['preprocess']:.1f} s | "
               f"{st['network']:.1f} s | {st['postprocess']:.1f} s | {st['write']:.1f} s |")
     return 0
 

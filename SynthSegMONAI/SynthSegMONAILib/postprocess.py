@@ -8,10 +8,17 @@ from scipy.ndimage import label as connected_components
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Largest 6-connected component (ties: the first in raster order); empty stays empty."""
-    components, n = connected_components(mask)
-    if n == 0:
-        return mask.copy()
-    return components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+    keep = np.zeros_like(mask)
+    # label only the mask's bounding box: same components, same raster order, less work
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return keep
+        box.append(slice(hits[0], hits[-1] + 1))
+    components, _ = connected_components(mask[tuple(box)])
+    keep[tuple(box)] = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+    return keep
 
 
 def _brain_mask(post: np.ndarray, threshold: float) -> np.ndarray:

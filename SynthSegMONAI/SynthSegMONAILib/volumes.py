@@ -15,18 +15,19 @@ from .errors import OutputPathError
 from .labels import csv_names
 
 
-def soft_volumes(posteriors_xyzc: np.ndarray, dtype=np.float32, chunk: int = 4) -> np.ndarray:
+def soft_volumes(posteriors_xyzc: np.ndarray, dtype=np.float32, chunk: int = 8) -> np.ndarray:
     """Per-channel sums over voxels of channels 1.., accumulated voxel by voxel in C order.
 
     ``posteriors_xyzc`` is the (X, Y, Z, C) array, or any view of it, in the INPUT's voxel
     order: SynthSeg sums that array sequentially, so the same order gives the same digits.
     """
     n_ch = posteriors_xyzc.shape[-1]
-    acc = np.zeros((1, n_ch - 1), dtype=dtype)
+    acc = np.zeros(n_ch - 1, dtype=dtype)
     for a in range(0, posteriors_xyzc.shape[0], chunk):
         rows = np.ascontiguousarray(posteriors_xyzc[a:a + chunk], dtype=dtype).reshape(-1, n_ch)[:, 1:]
-        acc = np.add.reduce(np.concatenate([acc, rows]), axis=0, keepdims=True)
-    return acc[0]
+        rows[0] += acc  # acc + r0 == r0 + acc: the running sum continues, in order
+        acc = np.add.reduce(rows, axis=0)  # a reduction over the outer axis adds row after row
+    return acc
 
 
 def volume_row(sums: np.ndarray, voxel_volume, with_total: bool) -> list:
