@@ -48,8 +48,9 @@ def segment_parser() -> argparse.ArgumentParser:
                    help="'synthseg': 1 mm grid as SynthSeg (default); 'input': the input's own voxel grid")
     p.add_argument("--progress-lines", action="store_true",
                    help="print machine-readable SYNTHSEG_PROGRESS/RESULT/ERROR lines on stdout")
-    p.add_argument("--slab-memory", type=int, default=256, metavar="MB",
-                   help="memory for one slab of network temporaries (default 256)")
+    p.add_argument("--slab-memory", type=int, default=None, metavar="MB",
+                   help="memory for one slab of network temporaries (default: 256 on the CPU, "
+                        "an eighth of the GPU's memory up to 8192 on a GPU)")
     return p
 
 

@@ -56,6 +56,15 @@ def choose_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def default_slab_budget_mb(device: torch.device) -> int:
+    """256 MB of slab temporaries on the CPU (the whole run then stays under 4 GB at 256^3);
+    on a GPU, thick slabs (an eighth of its memory, at most 8 GB) keep the kernels large."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return int(min(8192, total / 8 / 2**20))
+    return 256
+
+
 @dataclass
 class Outputs:
     """Where one image's results go (None: not written)."""
@@ -80,7 +89,7 @@ class Segmenter:
     """Holds a model and segments images with SynthSeg's pipeline."""
 
     def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 slab_budget_mb: int = 256):
+                 slab_budget_mb: int | None = None):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = choose_device(device)
@@ -88,7 +97,7 @@ class Segmenter:
         self.model, self.info = load_model(model_path, self.device)
         self.load_time = time.perf_counter() - t0
         self.labels = list(self.info.labels)
-        self.network = SlabNetwork(self.model, slab_budget_mb=slab_budget_mb)
+        self.network = SlabNetwork(self.model, slab_budget_mb=slab_budget_mb or default_slab_budget_mb(self.device))
         self.pre = self.info.preprocessing
 
     # ---------------------------------------------------------------------------------------

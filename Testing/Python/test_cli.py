@@ -139,3 +139,10 @@ def test_models_lists_installed_models(tiny_model, tmp_path, monkeypatch, capsys
     mine = next(line for line in out.splitlines() if line.startswith("mine\t"))
     assert f"{len(LABELS)} labels" in mine
     assert any(line.startswith("broken\tINVALID") for line in out.splitlines())
+
+
+def test_slab_memory_defaults_to_256_mb_on_the_cpu(tiny_model):
+    from SynthSegMONAILib.pipeline import Segmenter
+
+    assert Segmenter(tiny_model, device="cpu").network.budget == 256 * 2**20
+    assert Segmenter(tiny_model, device="cpu", slab_budget_mb=64).network.budget == 64 * 2**20
