@@ -82,6 +82,7 @@ class SlabNetwork:
 
     ``slab_budget_mb`` bounds the temporaries of one slab (it sets the slab thickness);
     ``channels_last`` runs the convolutions in the channels-last layout, faster on CPUs.
+    The model's weights are read once, here: build a new one after changing them.
     """
 
     def __init__(self, model: SynthSegUNet, slab_budget_mb: int = 256, channels_last: bool | None = None):
