@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,19 +23,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_H5 = REPO.parent / "shared" / "reference" / "keras-synthseg" / "synthseg_2.0_random.h5"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def synthetic_head(path: Path, size: int = 256) -> Path:

@@ -9,13 +9,13 @@ Default settings (SynthSeg 1.0 generative model, SynthSeg U-Net 5 levels x 24 fe
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SynthSegMONAITraining"))
 
@@ -25,16 +25,6 @@ from SynthSegMONAITrainingLib.config import Config  # noqa: E402
 from SynthSegMONAITrainingLib.label_maps import find_label_maps, load_generation_table, load_label_map  # noqa: E402
 from SynthSegMONAITrainingLib.loop import build_model, build_optimizer  # noqa: E402
 from SynthSegMONAITrainingLib.synthesis import Synthesizer, sample_seed  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -55,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    print(f"device: {device} ({name}); CPU: {cpu_model()}; torch {torch.__version__}; "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"device: {device} ({name}); CPU: {cpu_name()}; torch {torch.__version__}; "
           f"threads {torch.get_num_threads()}; CPU capability {torch.backends.cpu.get_cpu_capability()}")
     cfg = Config()
     table = load_generation_table("1.0")

@@ -3,6 +3,7 @@ a tiny model with predictable output. Only what slicer-core lacks gets test doub
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,19 @@ if str(MODULE_DIR) not in sys.path:
 
 import pytest  # noqa: E402
 import slicer  # noqa: E402
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:  # no /proc: the kill above succeeded, so it is still there
+        return False
 
 
 def new_scene():

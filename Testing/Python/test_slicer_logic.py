@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 import time
@@ -49,19 +48,6 @@ def test_parse_progress_error_and_log_lines():
     assert parse_line('SYNTHSEG_PROGRESS {"fraction": 7}').fraction == 1.0
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (reaped later by init) counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
 def test_cancel_kills_the_whole_process_tree(tmp_path):
     script = tmp_path / "tree.py"
@@ -79,15 +65,15 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
         events += runner.poll(0.2)
     child_pid = int(next(e.text.split()[1] for e in events if isinstance(e, LogEvent)
                          and e.text.startswith("CHILD")))
-    assert _pid_alive(child_pid)
+    assert not fx.process_gone(child_pid)
     t0 = time.monotonic()
     runner.cancel()
     assert time.monotonic() - t0 < 10
-    assert not _pid_alive(runner.pid)
+    assert fx.process_gone(runner.pid)
     deadline = time.monotonic() + 5
-    while _pid_alive(child_pid) and time.monotonic() < deadline:
+    while not fx.process_gone(child_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _pid_alive(child_pid)
+    assert fx.process_gone(child_pid)
     finished = []
     deadline = time.monotonic() + 5
     while not finished and time.monotonic() < deadline:

@@ -188,18 +188,6 @@ def test_output_on_synthseg_grid_and_existing_nodes_refilled(scene, tiny_model, 
     assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 1
 
 
-def _pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX process check")
 def test_cancel_kills_the_engine_and_leaves_no_trace(scene, tiny_model, tmp_path):
     shape = (64, 64, 64)
@@ -219,7 +207,7 @@ def test_cancel_kills_the_engine_and_leaves_no_trace(scene, tiny_model, tmp_path
     pid = job.pid
     job.cancel()
     assert job.state is JobState.CANCELLED
-    assert _pid_gone(pid)
+    assert fx.process_gone(pid)
     assert scene_node_ids(scene) == before
     assert list(work.iterdir()) == []
     with pytest.raises(SegmentationError, match="cancelled"):
