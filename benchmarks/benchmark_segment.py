@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--modes", nargs="+", default=["default", "fast"])
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto: where the network runs")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="synthseg-bench-"))
     model = args.model
@@ -56,13 +57,14 @@ def main() -> int:
         model = str(import_keras(REFERENCE_H5, work / "model.safetensors"))
     image = args.image or str(synthetic_head(work / "head.nii.gz"))
     shape = nib.load(image).shape
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; threads {args.threads}; image {shape}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; threads {args.threads}; device {args.device}; "
+          f"image {shape}")
     rows = []
     for mode in args.modes:
         results = []
         for k in range(args.runs):
             cmd = [sys.executable, "-m", "SynthSegMONAILib.cli", "--i", image, "--o", str(work / "seg.nii.gz"),
-                   "--model", model, "--threads", str(args.threads), "--cpu", "--progress-lines",
+                   "--model", model, "--threads", str(args.threads), "--device", args.device, "--progress-lines",
                    *(["--fast"] if mode == "fast" else [])]
             # peak RSS via a wrapper that reports the child's rusage
             r = _measure(cmd)

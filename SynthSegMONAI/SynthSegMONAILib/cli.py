@@ -3,6 +3,7 @@
     synthseg-monai --i scan.nii.gz --o seg.nii.gz [--vol volumes.csv] ...   (segment)
     synthseg-monai import-keras synthseg_2.0.h5 -o synthseg_2.0.safetensors
     synthseg-monai models
+    synthseg-monai evaluate --seg SEG --ref REF [--ref-format aseg|labels] [--csv dice.csv]
     synthseg-monai train --config config.yaml ...
 """
 
@@ -17,7 +18,7 @@ from . import __version__
 from .errors import SynthSegError
 from .volume_io import image_suffix, list_images
 
-SUBCOMMANDS = ("segment", "import-keras", "models", "train")
+SUBCOMMANDS = ("segment", "import-keras", "models", "evaluate", "train")
 
 CITATION = (
     "If you use this tool in a publication, please cite:\n"
@@ -169,6 +170,49 @@ def run_models(argv: list[str]) -> int:
     return 0
 
 
+def run_evaluate(argv: list[str]) -> int:
+    """``evaluate``: Dice of segmentations against reference labels (files or folders)."""
+    from . import evaluation
+    from .labels import synthseg_labels
+
+    p = argparse.ArgumentParser(
+        prog="synthseg-monai evaluate",
+        description="Dice per structure between segmentations and reference label volumes. The "
+                    "reference is resampled onto the segmentation's grid (nearest neighbour, by the "
+                    "affines). Folders are paired by subject: <name>_synthseg.nii.gz or <name>.nii.gz "
+                    "in SEG matches <name>.nii.gz/.mgz or <name>/aseg.mgz in REF.")
+    p.add_argument("--seg", required=True, help="segmentation file, or folder of segmentations")
+    p.add_argument("--ref", required=True, help="reference label file, or folder (with a folder --seg)")
+    p.add_argument("--ref-format", choices=("aseg", "labels"), default="aseg",
+                   help="'aseg' (default): FreeSurfer aseg scored as SynthSeg does (77 and 251-255 -> "
+                        "cerebral WM, labels outside the model's list ignored); 'labels': values as they are")
+    p.add_argument("--v1", action="store_true", help="score SynthSeg 1.0's 32 labels (CSF, 24, ignored)")
+    p.add_argument("--csv", help="write Dice per subject and structure to this CSV file")
+    args = p.parse_args(argv)
+    seg, ref = Path(args.seg).expanduser(), Path(args.ref).expanduser()
+    # aseg: the model's structures are scored; labels: every value found is scored
+    labels = synthseg_labels("1.0" if args.v1 else "2.0") if args.ref_format == "aseg" else None
+    try:
+        if seg.is_dir() != ref.is_dir() and seg.exists() and ref.exists():
+            raise SynthSegError("--seg and --ref must both be files or both be folders")
+        if seg.is_dir():
+            results, unmatched = evaluation.evaluate_folders(seg, ref, args.ref_format, labels)
+            for path in unmatched:
+                print(f"warning: no reference for {path.name}; skipped", file=sys.stderr)
+            print(evaluation.format_summary(results))
+        else:
+            name = evaluation.segmentation_subject(seg) or seg.name
+            results = {name: evaluation.evaluate_files(seg, ref, args.ref_format, labels)}
+            print(evaluation.format_evaluation(results[name]))
+        if args.csv:
+            out = evaluation.write_dice_csv(Path(args.csv).expanduser(), results)
+            print(f"Dice saved in: {out}")
+    except SynthSegError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_train(argv: list[str]) -> int:
     """``train``: synthesis-based training (needs the training extras)."""
     try:
@@ -191,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command = argv.pop(0) if argv[0] in SUBCOMMANDS else "segment"
     handlers = {"segment": run_segment, "import-keras": run_import_keras, "models": run_models,
-                "train": run_train}
+                "evaluate": run_evaluate, "train": run_train}
     return handlers[command](argv)
 
 

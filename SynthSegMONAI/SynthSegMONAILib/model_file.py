@@ -87,8 +87,10 @@ def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str
 
 def model_tensors(model: SynthSegUNet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The tensors a model file stores: weights and BatchNorm statistics, no counters."""
+    # clone with standard strides: a channels-last model's 1x1x1 kernels count as contiguous with
+    # strides that safetensors and byte views cannot take
     return {
-        k: v.detach().to("cpu", dtype).contiguous()
+        k: v.detach().to("cpu", dtype).clone(memory_format=torch.contiguous_format)
         for k, v in model.state_dict().items()
         if not k.endswith("num_batches_tracked")
     }

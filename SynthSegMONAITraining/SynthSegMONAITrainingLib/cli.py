@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON configuration (defaults: SynthSeg 1.0 training)")
     p.add_argument("--output-dir", required=True, help="folder for checkpoints, logs, snapshot and models")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
-    p.add_argument("--label-maps", help="folder (or glob) of training label maps")
+    p.add_argument("--label-maps", help="folder (or glob) of training label maps, or a label-map cache (.npz)")
     p.add_argument("--steps", type=int, help="total training steps")
     p.add_argument("--batch-size", type=int, help="samples per step and process")
     p.add_argument("--crop-size", type=int, nargs="+", help="crop size (1 or 3 integers)")

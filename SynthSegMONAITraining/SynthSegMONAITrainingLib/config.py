@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the label maps come from and how they are prepared."""
 
-    label_maps: str = ""  #: folder of ``*.nii``/``*.nii.gz``/``*.mgz`` label maps, or a glob
+    label_maps: str = ""  #: folder of ``*.nii``/``*.nii.gz``/``*.mgz`` label maps, a glob, or a cache ``.npz``
     validation_maps: int = 2  #: the last N maps (sorted by name) are held out for validation
     downsample: int = 1  #: integer factor (nearest neighbour), for quick experiments and tests
     margin: int = 8  #: voxels kept around the labels' bounding box when caching a map

@@ -12,8 +12,9 @@ from SynthSegMONAILib.network import SynthSegUNet
 from .config import Config
 
 
-def export_model(path: str | Path, model: SynthSegUNet, cfg: Config, labels: list[int], provenance: dict) -> Path:
-    """Write ``model`` with its labels, architecture and training provenance."""
+def export_model(path: str | Path, model: SynthSegUNet, cfg: Config, labels: list[int], provenance: dict,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``model`` with its labels, architecture and training provenance (tensors stored as ``dtype``)."""
     prov = {"origin": "synthseg-monai training", "config": cfg.to_dict(), **provenance}
     info = ModelInfo(network=model.config, labels=list(labels), name=cfg.training.name,
                      description=cfg.training.description,
@@ -21,6 +22,6 @@ def export_model(path: str | Path, model: SynthSegUNet, cfg: Config, labels: lis
     was_training = model.training
     model.eval()
     try:
-        return save_model(path, model, info, dtype=torch.float32)
+        return save_model(path, model, info, dtype=dtype)
     finally:
         model.train(was_training)

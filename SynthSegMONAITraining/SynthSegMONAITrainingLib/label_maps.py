@@ -173,9 +173,9 @@ def load_label_map(path: Path, table: GenerationTable, device: torch.device | st
     return LabelMap(path.name, torch.from_numpy(np.ascontiguousarray(indices)).to(device), zooms)
 
 
-def split_maps(files: list[Path], n_validation: int, rank: int, world_size: int
-               ) -> tuple[list[Path], list[Path]]:
-    """This rank's disjoint share of the training maps, and the held-out validation maps."""
+def split_maps(files: list, n_validation: int, rank: int, world_size: int) -> tuple[list, list]:
+    """This rank's disjoint share of the training maps (files or loaded maps, sorted by name),
+    and the held-out validation maps (the last ``n_validation``)."""
     if n_validation >= len(files):
         raise LabelMapError(f"{len(files)} label map(s) found: need more than the "
                             f"{n_validation} held out for validation")

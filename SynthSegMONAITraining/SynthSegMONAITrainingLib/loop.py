@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from . import distributed as ddp
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, save_config
 from .export import export_model
+from .label_cache import is_label_cache, load_label_cache
 from .label_maps import (
     LabelMapError,
     find_label_maps,
@@ -74,6 +75,17 @@ def lr_factor(cfg: Config):
     return factor
 
 
+def build_loss(name: str = "dice", epsilon: float = 1e-7) -> torch.nn.Module:
+    """Soft Dice over every channel (SynthSeg's loss) or Dice plus cross-entropy, on logits."""
+    if name == "dice":
+        return DiceLoss(include_background=True, to_onehot_y=True, softmax=True,
+                        smooth_nr=epsilon, smooth_dr=epsilon)
+    if name == "dice_ce":
+        return DiceCELoss(include_background=True, to_onehot_y=True, softmax=True,
+                          smooth_nr=epsilon, smooth_dr=epsilon)
+    raise ValueError(f"unknown loss {name!r} (dice or dice_ce)")
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Adam or AdamW as configured."""
     o = cfg.optim
@@ -102,6 +114,9 @@ class MetricsLog:
 
 
 def _load_maps(cfg: Config, table, info: ddp.DistInfo):
+    if is_label_cache(cfg.data.label_maps):
+        maps = load_label_cache(cfg.data.label_maps, table, info.device, cfg.data.downsample)
+        return split_maps(maps, cfg.data.validation_maps, info.rank, info.world_size)
     files = find_label_maps(cfg.data.label_maps)
     train_files, val_files = split_maps(files, cfg.data.validation_maps, info.rank, info.world_size)
     load = [load_label_map(f, table, info.device, cfg.data.downsample, cfg.data.margin) for f in train_files]
@@ -172,8 +187,7 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, info: ddp.D
     if info.distributed:
         net = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     autocast = t_cfg.bf16 and info.device.type == "cuda"
-    dice_loss = DiceLoss(include_background=True, to_onehot_y=True, softmax=True,
-                         smooth_nr=t_cfg.dice_epsilon, smooth_dr=t_cfg.dice_epsilon)
+    dice_loss = build_loss("dice", t_cfg.dice_epsilon)
     bar = tqdm(total=t_cfg.steps, initial=start, disable=not (info.is_main and progress), mininterval=1.0,
                desc="training", unit="step")
     examples: dict = {}

@@ -17,13 +17,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from scipy import ndimage
+
+# the aseg mapping has one definition, in the engine (re-exported here for existing callers)
+from SynthSegMONAILib.evaluation import IGNORE, map_aseg
 
 from .distributed import DistInfo, all_reduce_sum
 from .label_maps import LabelMap
 from .synthesis import Synthesizer, sample_seed
-
-IGNORE = -1
 
 
 def dice_sums(pred: torch.Tensor, target: torch.Tensor, n_channels: int) -> torch.Tensor:
@@ -77,24 +77,6 @@ def validate_synthetic(model: torch.nn.Module, synth: Synthesizer, maps: list[La
     return summarise(sums, labels), example
 
 
-def map_aseg(aseg: np.ndarray, labels: list[int]) -> np.ndarray:
-    """FreeSurfer aseg values -> output channels, IGNORE where SynthSeg's scoring ignores them."""
-    aseg = aseg.astype(np.int64).copy()
-    merge = np.isin(aseg, [77, 251, 252, 253, 254, 255])
-    if merge.any():
-        wm = np.isin(aseg, [2, 41])
-        if wm.any():
-            _, nearest = ndimage.distance_transform_edt(~wm, return_indices=True)
-            aseg[merge] = aseg[tuple(n[merge] for n in nearest)]
-        else:
-            aseg[merge] = 2
-    lut = {lab: i for i, lab in enumerate(labels)}
-    out = np.full(aseg.shape, IGNORE, dtype=np.int64)
-    for lab, ch in lut.items():
-        out[aseg == lab] = ch
-    return out
-
-
 @dataclass
 class RealCase:
     """A real image (RAS, [0, 1]) with its mapped labels, cropped to the head."""
@@ -122,7 +104,7 @@ def load_real_cases(folder: str, image_name: str, label_name: str, labels: list[
         if data.shape != seg.shape:
             raise ValueError(f"{sub}: image and labels differ in shape")
         lo, hi = np.percentile(data, [0.5, 99.5])
-        data = np.clip((data - lo) / max(hi - lo, 1e-6), 0, 1)
+        data = np.clip((data - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
         target = map_aseg(seg, labels)
         nz = np.nonzero(seg)
         box = tuple(slice(max(int(a.min()) - 8, 0), int(a.max()) + 9) for a in nz)
