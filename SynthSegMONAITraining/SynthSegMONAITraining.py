@@ -7,8 +7,13 @@ Slicer scripts and other modules drive it through its logic::
     logic.train(["--config", "synthseg_1.0.yaml", "--label-maps", maps, "--output-dir", run])
     logic.resume(run)
 
+Headless: ``Slicer --no-main-window --python-script <path of train.py> ...``; the path is
+``SynthSegMONAITraining.scriptPath("train.py")``. In Slicer, the first use asks to install
+the Python packages training needs (PyTorch through the PyTorch extension, the others from
+``Resources/requirements.txt`` and ``Resources/requirements-training.txt``).
+
 The logic imports without Slicer (the ``slicer`` import is guarded), so the same class runs in
-plain Python.
+plain Python, where nothing is installed for you (``pip install .[train]``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,16 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The entry scripts are installed in this subfolder, not beside the module: Slicer would take
+# any .py file of the scripted-modules folder for a module.
+SCRIPTS_FOLDER = "SynthSegMONAITrainingScripts"
+ENTRY_SCRIPTS = ("train.py", "train_round.py", "make_label_cache.py")
+# In the source tree the segmentation module's packages sit in ../SynthSegMONAI; once installed,
+# both modules share one folder.
+for _folder in (os.path.join(os.path.dirname(MODULE_DIR), "SynthSegMONAI"), MODULE_DIR):
+    if os.path.isdir(_folder) and _folder not in sys.path:
+        sys.path.insert(0, _folder)
 
 try:
     from slicer.ScriptedLoadableModule import (
@@ -34,7 +48,20 @@ except ImportError:  # plain Python: keep the logic usable
             pass
 
     class ScriptedLoadableModuleTest:  # type: ignore[no-redef]
-        pass
+        def delayDisplay(self, message, msec=None):
+            print(message)
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # plain Python or slicer-core: no translations
+    def _(text: str) -> str:
+        return text
+
+    def translate(context: str, text: str) -> str:
+        return text
+
+DOCUMENTATION_URL = "https://github.com/SynthSegMONAI/SlicerSynthSegMONAI#training-synthseg-monai-networks"
 
 
 class SynthSegMONAITraining(ScriptedLoadableModule):
@@ -42,18 +69,64 @@ class SynthSegMONAITraining(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "SynthSeg MONAI Training"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("SynthSeg MONAI Training")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["SynthSeg-MONAI contributors"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Trains SynthSeg networks on synthetic images generated from label maps (no GUI). "
-            "Run <code>Slicer --no-main-window --python-script train.py ...</code> or use "
-            "<code>SynthSegMONAITrainingLogic().train([...])</code> from a script.")
-        self.parent.acknowledgementText = (
+            "Run <code>Slicer --no-main-window --python-script train.py ...</code> (the script's "
+            "path: <code>SynthSegMONAITraining.scriptPath('train.py')</code>) or use "
+            "<code>SynthSegMONAITrainingLogic().train([...])</code> from a script. The first run "
+            "offers to install the Python packages that training needs.<br><br>"
+            "Documentation: <a href=\"{url}\">training SynthSeg-MONAI networks</a>.").format(
+                url=DOCUMENTATION_URL)
+        self.parent.acknowledgementText = _(
             "SynthSeg: Billot et al., Medical Image Analysis 2023. Synthesis with Cornucopia; network "
             "and losses with MONAI.")
         self.parent.hidden = True
+
+
+def scriptPath(name: str = "train.py") -> str:
+    """Path of an entry script (``train.py``, ``train_round.py``, ``make_label_cache.py``)."""
+    if name not in ENTRY_SCRIPTS:
+        raise ValueError(f"unknown script {name!r}: choose one of {', '.join(ENTRY_SCRIPTS)}")
+    installed = os.path.join(MODULE_DIR, SCRIPTS_FOLDER, name)
+    return installed if os.path.isfile(installed) else os.path.join(MODULE_DIR, name)
+
+
+def _inSlicerApplication() -> bool:
+    slicer = sys.modules.get("slicer")
+    return slicer is not None and hasattr(slicer, "app") and hasattr(slicer.app, "majorVersion")
+
+
+def _confirm(text: str) -> bool:
+    import slicer
+
+    return slicer.util.confirmOkCancelDisplay(text)
+
+
+def ensureRequirements(confirm=None) -> str:
+    """In Slicer, install what training needs (asking first); '' when ready, else why not.
+
+    Outside the Slicer application nothing is checked or installed.
+    """
+    if not _inSlicerApplication():
+        return ""
+    import slicer
+
+    from SynthSegMONAISlicerLib import dependencies
+    from SynthSegMONAISlicerLib.slicer_version import too_old_message
+
+    problem = too_old_message(slicer.app, _("SynthSeg MONAI Training"))
+    if problem:
+        return problem
+    try:
+        dependencies.ensure_all(MODULE_DIR, confirm or _confirm, extra_files=(dependencies.TRAINING_REQUIREMENTS,),
+                                requester="SynthSegMONAITraining")
+    except (dependencies.DependencyError, FileNotFoundError) as e:
+        return str(e)
+    return ""
 
 
 class SynthSegMONAITrainingLogic(ScriptedLoadableModuleLogic):
@@ -61,6 +134,10 @@ class SynthSegMONAITrainingLogic(ScriptedLoadableModuleLogic):
 
     def train(self, args: list[str]) -> int:
         """Run training with command-line style arguments; returns the exit code."""
+        problem = ensureRequirements()
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
         from SynthSegMONAITrainingLib.cli import main
 
         return main(list(args))
@@ -77,12 +154,27 @@ class SynthSegMONAITrainingLogic(ScriptedLoadableModuleLogic):
 
 
 class SynthSegMONAITrainingTest(ScriptedLoadableModuleTest):
-    """Module self-test: the logic loads and the default configuration is valid."""
+    """Module self-test: the entry scripts are installed, the default configuration is valid."""
 
     def runTest(self):
+        self.test_entry_scripts()
         self.test_default_config()
 
+    def test_entry_scripts(self):
+        for name in ENTRY_SCRIPTS:
+            path = scriptPath(name)
+            if not os.path.isfile(path):
+                raise AssertionError(f"entry script not found: {path}")
+            with open(path, encoding="utf-8") as f:
+                if f.read(2) == "#!":
+                    raise AssertionError(f"{path} starts with #!: Slicer would run it as a CLI module")
+
     def test_default_config(self):
+        problem = ensureRequirements()
+        if problem:
+            self.delayDisplay(_("Training packages not available, configuration test skipped: {problem}")
+                              .format(problem=problem))
+            return
         from SynthSegMONAITrainingLib.config import validate
 
         validate(SynthSegMONAITrainingLogic().default_config())

@@ -225,6 +225,30 @@ def labelled_tables(results: dict) -> tuple[str, dict]:
     return "\n".join(lines), means
 
 
+def record_in_model(model: Path, means: dict, scans: int, mode: str) -> None:
+    """Write the Dice figures into the model file's provenance (``evaluation``, and the last round's).
+
+    The tensors are kept as stored (a float16 model stays float16); the checksum is renewed.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from SynthSegMONAILib.model_file import load_model, save_model
+
+    with safe_open(str(model), framework="pt") as f:
+        dtype = f.get_tensor(next(iter(f.keys()))).dtype
+    net, info = load_model(model)
+    evaluation = {res: {"mean_dice": round(m["mean_dice"], 4), "mean_merged_dice": round(m["mean_merged_dice"], 4),
+                        "dice": {k: round(v, 4) for k, v in m["dice"].items()}, "scans": scans,
+                        "structures": len(m["dice"]), "mode": mode,
+                        "reference": "FreeSurfer aseg of the labelled T1 scans"}
+                  for res, m in means.items()}
+    info.provenance["evaluation"] = evaluation
+    if info.provenance.get("rounds"):
+        info.provenance["rounds"][-1]["real_t1_evaluation"] = {res: e["mean_dice"] for res, e in evaluation.items()}
+    save_model(model, net, info, dtype=dtype if dtype in (torch.float16, torch.float32) else torch.float32)
+
+
 def unlabelled_tables(results: dict, labels: list[int]) -> str:
     """Markdown: per scan TIV, non-empty, flags; then left/right ratios per structure and scan."""
     lines = ["| scan | non-empty | TIV (cm^3) | L/R ratio outside 0.8-1.25 (big structures) | seconds |",
@@ -268,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--json", type=Path, help="write every result to this JSON file")
     p.add_argument("--keep", type=Path, help="keep the segmentations in this folder (default: a temporary one)")
+    p.add_argument("--record-in-model", action="store_true",
+                   help="write the Dice figures into the model file's provenance (for its model card)")
     args = p.parse_args(argv)
     try:
         model = resolve_model(args.model)
@@ -282,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     "model": str(model), "labels": labels, "mode": mode}
     with tempfile.TemporaryDirectory(prefix="synthseg-eval-") as tmp:
         work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         print("labelled scans:", flush=True)
         labelled = evaluate_labelled(labelled_subjects(args.shared, args.subjects), work, model, labels, args)
         unlabelled = None
@@ -293,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     report["labelled"] = labelled
     report["labelled_means"] = means
+    if args.record_in_model:
+        record_in_model(model, means, len(labelled), mode)
+        print(f"Dice recorded in the provenance of {model}")
     if unlabelled is not None:
         print(f"\n### Unlabelled scans ({mode} mode)\n")
         print(unlabelled_tables(unlabelled, labels))

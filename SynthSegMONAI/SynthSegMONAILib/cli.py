@@ -3,6 +3,7 @@
     synthseg-monai --i scan.nii.gz --o seg.nii.gz [--vol volumes.csv] ...   (segment)
     synthseg-monai import-keras synthseg_2.0.h5 -o synthseg_2.0.safetensors
     synthseg-monai models
+    synthseg-monai export-bundle --model MODEL --output-dir BUNDLE
     synthseg-monai evaluate --seg SEG --ref REF [--ref-format aseg|labels] [--csv dice.csv]
     synthseg-monai train --config config.yaml ...
 """
@@ -18,7 +19,7 @@ from . import __version__
 from .errors import SynthSegError
 from .volume_io import image_suffix, list_images
 
-SUBCOMMANDS = ("segment", "import-keras", "models", "evaluate", "train")
+SUBCOMMANDS = ("segment", "import-keras", "models", "evaluate", "export-bundle", "train")
 
 CITATION = (
     "If you use this tool in a publication, please cite:\n"
@@ -40,6 +41,8 @@ def segment_parser() -> argparse.ArgumentParser:
     p.add_argument("--vol", help="CSV file of soft volumes in mm^3 (SynthSeg layout)")
     p.add_argument("--crop", type=int, nargs="+", help="centre crop size(s), rounded up to multiples of 32")
     p.add_argument("--fast", action="store_true", help="no flip pass, lighter postprocessing")
+    p.add_argument("--channel", type=int, default=None, metavar="N",
+                   help="channel of a multi-channel image to segment (0-based; default: the first, as SynthSeg)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (same as --device cpu)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -68,15 +71,35 @@ def _output_name(inp: Path, out: str | None, tag: str, folder_mode: bool) -> Pat
     return out_path
 
 
+def _csv_path(vol: str | None) -> Path | None:
+    if not vol:
+        return None
+    path = Path(vol).expanduser()
+    return path if path.suffix == ".csv" else path.with_name(path.name + ".csv")
+
+
 def run_segment(argv: list[str]) -> int:
     """``segment``: returns 0 when every image was segmented, 1 otherwise."""
     from .model_registry import resolve_model
+    from .output_files import check_distinct
     from .pipeline import Outputs, Segmenter
     from .progress import Progress
     from .volumes import write_volumes_csv
 
     args = segment_parser().parse_args(argv)
     inp = Path(args.i).expanduser()
+    vol = _csv_path(args.vol)
+
+    def outputs_of(image: Path) -> Outputs:
+        return Outputs(segmentation=_output_name(image, args.o, "synthseg", folder_mode),
+                       posteriors=_output_name(image, args.post, "posteriors", folder_mode),
+                       resampled=_output_name(image, args.resample, "resampled", folder_mode))
+
+    def check_outputs(image: Path) -> None:
+        out = outputs_of(image)
+        check_distinct([image], {"o": out.segmentation, "post": out.posteriors, "resample": out.resampled,
+                                 "vol": vol})
+
     try:
         if inp.is_dir():
             images = list_images(inp)
@@ -85,8 +108,13 @@ def run_segment(argv: list[str]) -> int:
             folder_mode = True
             if image_suffix(args.o):
                 raise SynthSegError("--o must be a folder when --i is a folder")
+            if vol is not None:
+                check_distinct(images, {"vol": vol})
         else:
+            if not inp.exists():
+                raise SynthSegError(f"{inp}: file not found")
             images, folder_mode = [inp], False
+            check_outputs(inp)
         model_path = resolve_model(args.model, v1=args.v1)
         device = "cpu" if args.cpu else args.device
         print(f"SynthSeg-MONAI {__version__}: loading {model_path.name}", flush=True)
@@ -101,17 +129,16 @@ def run_segment(argv: list[str]) -> int:
     rows, failures = [], 0
     for k, image in enumerate(images):
         progress.start_image(k)
-        outputs = Outputs(segmentation=_output_name(image, args.o, "synthseg", folder_mode),
-                          posteriors=_output_name(image, args.post, "posteriors", folder_mode),
-                          resampled=_output_name(image, args.resample, "resampled", folder_mode))
+        outputs = outputs_of(image)
         t0 = time.perf_counter()
         try:
+            check_outputs(image)
             result = segmenter.segment(image, outputs, fast=args.fast, crop=args.crop,
-                                       output_grid=args.output_grid, progress=progress)
+                                       output_grid=args.output_grid, progress=progress, channel=args.channel)
         except (SynthSegError, MemoryError, RuntimeError) as e:
             failures += 1
             message = str(e) if isinstance(e, SynthSegError) else f"{image}: {type(e).__name__}: {e}"
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            progress.message(f"error: {message}", error=True)
             progress.error({"input": str(image), "message": message})
             continue
         rows.append(result.volume_row)
@@ -119,20 +146,36 @@ def run_segment(argv: list[str]) -> int:
                          "posteriors": str(outputs.posteriors) if outputs.posteriors else None,
                          "seconds": round(time.perf_counter() - t0, 2),
                          "timings": {k: round(v, 3) for k, v in result.timings.items()}})
-        print(f"segmentation saved in: {outputs.segmentation} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        for line in _written_lines(result, outputs, time.perf_counter() - t0):
+            progress.message(line, error=line.startswith("warning"))
     progress.close()
-    if args.vol and rows:
-        vol = Path(args.vol).expanduser()
-        if vol.suffix != ".csv":
-            vol = vol.with_name(vol.name + ".csv")
+    if vol is not None and rows:
         try:
             write_volumes_csv(vol, segmenter.labels, rows)
             print(f"volumes saved in: {vol}", flush=True)
         except SynthSegError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    print("\n" + CITATION, flush=True)
+    if rows:
+        print("\n" + CITATION, flush=True)
     return 1 if failures else 0
+
+
+def _written_lines(result, outputs, seconds: float) -> list[str]:
+    """What the user is told about one image's outputs."""
+    lines = [f"warning: {note}" for note in result.notes]
+    lines.append(f"segmentation saved in: {result.written['segmentation']} ({seconds:.1f} s)")
+    if "posteriors" in result.written:
+        lines.append(f"posteriors saved in: {result.written['posteriors']}")
+    if "resampled" in result.written:
+        lines.append(f"resampled image saved in: {result.written['resampled']}")
+    elif outputs.resampled is not None:
+        lines.append(f"resampled image not written: {result.input.name} is already at 1 mm "
+                     "(as SynthSeg, --resample writes only resampled images)")
+    if result.empty:
+        lines.append(f"warning: the segmentation of {result.input.name} is empty: every posterior fell below "
+                     "the postprocessing thresholds (is the model trained? is the image a brain scan?)")
+    return lines
 
 
 def run_import_keras(argv: list[str]) -> int:
@@ -157,10 +200,13 @@ def run_import_keras(argv: list[str]) -> int:
 
 def run_models(argv: list[str]) -> int:
     """``models``: list installed models and the folders searched."""
-    from .model_registry import available_models, describe, model_search_paths
+    from .model_registry import HOW_TO_GET_A_MODEL_SHORT, available_models, describe, model_search_paths
 
     argparse.ArgumentParser(prog="synthseg-monai models", description="List installed models.").parse_args(argv)
     print("searched: " + ", ".join(str(p) for p in model_search_paths()))
+    if not available_models():
+        print("No model is installed.\n" + HOW_TO_GET_A_MODEL_SHORT)
+        return 0
     for m in available_models():
         try:
             info = describe(m.path)
@@ -213,6 +259,28 @@ def run_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def run_export_bundle(argv: list[str]) -> int:
+    """``export-bundle``: a model file as a MONAI bundle folder."""
+    from .bundle import export_bundle
+    from .model_registry import resolve_model
+
+    p = argparse.ArgumentParser(prog="synthseg-monai export-bundle",
+                                description="Write a MONAI bundle (configs, model, model card, licence) that "
+                                            "python -m monai.bundle run ... runs with this engine's pipeline.")
+    p.add_argument("--model", help="model file or installed model name (default: the default model)")
+    p.add_argument("--output-dir", required=True, help="new (or empty) folder for the bundle")
+    args = p.parse_args(argv)
+    try:
+        out = export_bundle(resolve_model(args.model), Path(args.output_dir).expanduser())
+    except (SynthSegError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"bundle saved in: {out}\nrun it with: python -m monai.bundle run --config_file {out}/configs/"
+          f"inference.json --meta_file {out}/configs/metadata.json --bundle_root {out} --input_image SCAN "
+          "--output_dir OUT")
+    return 0
+
+
 def run_train(argv: list[str]) -> int:
     """``train``: synthesis-based training (needs the training extras)."""
     try:
@@ -231,12 +299,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("subcommands: " + ", ".join(SUBCOMMANDS) + "; 'synthseg-monai SUBCOMMAND -h' for options")
+        print("subcommands: " + ", ".join(SUBCOMMANDS) + "; 'synthseg-monai SUBCOMMAND -h' for options\n")
+        print("Segmentation (the default subcommand):")
+        print(segment_parser().format_help())
         return 0 if argv else 2
+    if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        print(f"error: unknown subcommand {argv[0]!r} (subcommands: {', '.join(SUBCOMMANDS)}; "
+              "segmentation needs no subcommand: synthseg-monai --i IN --o OUT)", file=sys.stderr)
+        return 2
     command = argv.pop(0) if argv[0] in SUBCOMMANDS else "segment"
     handlers = {"segment": run_segment, "import-keras": run_import_keras, "models": run_models,
-                "evaluate": run_evaluate, "train": run_train}
-    return handlers[command](argv)
+                "evaluate": run_evaluate, "export-bundle": run_export_bundle, "train": run_train}
+    if command == "train":  # torchrun signals its workers itself
+        return handlers[command](argv)
+    from .interruption import Interrupted, signals_as_exceptions
+
+    with signals_as_exceptions():
+        try:
+            return handlers[command](argv)
+        except Interrupted as e:
+            print(f"\ninterrupted ({e}): the outputs being written were removed", file=sys.stderr, flush=True)
+            return e.exit_status
 
 
 if __name__ == "__main__":

@@ -15,3 +15,11 @@ class ModelFileError(SynthSegError):
 
 class OutputPathError(SynthSegError):
     """An output cannot be written where the user asked."""
+
+
+class ResourceLimitError(SynthSegError):
+    """A run would need more memory than is available, or exceeds a size limit of the engine."""
+
+
+class OptionError(SynthSegError):
+    """An option's value cannot be used (e.g. a zero or negative ``--crop``)."""

@@ -31,7 +31,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from scipy import ndimage
 
 from .errors import InputImageError, OutputPathError
 from .labels import all_structures, synthseg_labels
+from .output_files import atomic_output
 from .volume_io import _load_nrrd, image_suffix, list_images
 
 IGNORE = -1  #: value of voxels that are not scored
@@ -396,15 +396,8 @@ def write_dice_csv(path: str | os.PathLike, results: dict[str, Evaluation]) -> P
     """Write :func:`dice_csv_text` atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                f.write(dice_csv_text(results))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+            f.write(dice_csv_text(results))
     except OSError as e:
         raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from e
     return path

@@ -1,4 +1,9 @@
-"""Convert official SynthSeg Keras HDF5 weight files into SynthSeg-MONAI model files."""
+"""Convert official SynthSeg Keras HDF5 weight files into SynthSeg-MONAI model files.
+
+A ``.h5`` file may come from anywhere: only hard links are followed (no external links,
+virtual datasets or external raw storage, which would pull in other files' bytes), and every
+dataset's type and shape is checked against the network the file describes before any is read.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import torch
 
 from .errors import ModelFileError
 from .labels import synthseg_labels
-from .model_file import ModelInfo, save_model
+from .memory_estimate import check_fits
+from .model_file import ModelInfo, save_model, weight_problem
 from .network import SynthSegUNet, UNetConfig
 
 _CONV = re.compile(r"^unet_conv_(downarm|uparm)_(\d+)_(\d+)$")
@@ -31,10 +37,128 @@ def _decode(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-    """Layer name -> {weight name -> array} for every layer listed in ``layer_names``.
+_BN_WEIGHTS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+               "moving_variance": "running_var"}
 
-    Accepts weights-only saves and full-model saves (weights under ``model_weights/``).
+
+def _state_name(layer: str, weight: str, levels: int) -> str | None:
+    """The :class:`SynthSegUNet` tensor a Keras weight maps to (None: not a SynthSeg weight).
+
+    Encoder levels are numbered 0..levels-1; Keras numbers the decoder's convolutions on from
+    ``levels`` (the first working at level levels-2) and its BatchNorms from 0.
+    """
+    if (m := _CONV.match(layer)):
+        index = int(m.group(2))
+        level = index if m.group(1) == "downarm" else levels - 2 - (index - levels)
+        arm = "encoder" if m.group(1) == "downarm" else "decoder"
+        if weight in ("kernel", "bias"):
+            return f"{arm}.{level}.convs.{int(m.group(3))}.conv.{'weight' if weight == 'kernel' else 'bias'}"
+    elif (m := _BN.match(layer)):
+        index = int(m.group(2))
+        prefix = f"encoder.{index}" if m.group(1) == "down" else f"decoder.{levels - 2 - index}"
+        if weight in _BN_WEIGHTS:
+            return f"{prefix}.bn.{_BN_WEIGHTS[weight]}"
+    elif layer == "unet_likelihood" and weight in ("kernel", "bias"):
+        return "head.weight" if weight == "kernel" else "head.bias"
+    return None
+
+
+def _keras_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Keras layout of a PyTorch tensor shape: kernels are (k, k, k, in, out)."""
+    return (*shape[2:], shape[1], shape[0]) if len(shape) == 5 else shape
+
+
+def _link_target(group, name: str, path: Path):
+    """The object at ``name`` below ``group``, through hard links only."""
+    import h5py
+
+    obj = group
+    for part in (p for p in name.split("/") if p):
+        if not isinstance(obj, h5py.Group):
+            raise ModelFileError(f"{path}: {obj.name} is not a group")
+        link = obj.get(part, getlink=True)
+        if link is None:
+            raise ModelFileError(f"{path}: {obj.name.rstrip('/')}/{part} is missing")
+        if not isinstance(link, h5py.HardLink):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise ModelFileError(f"{path}: {obj.name.rstrip('/')}/{part} is {kind}: refused (an official "
+                                 "SynthSeg weight file has none; it would read another object or file)")
+        obj = obj[part]
+    return obj
+
+
+def _weight_datasets(f, path: Path) -> dict[str, dict[str, object]]:
+    """Layer name -> {weight name -> h5py.Dataset} of the SynthSeg layers; nothing is read yet."""
+    import h5py
+
+    root = _link_target(f, "model_weights", path) if "model_weights" in f else f
+    if "layer_names" not in root.attrs:
+        raise ModelFileError(f"{path} is an HDF5 file without Keras weights (no layer_names)")
+    layers: dict[str, dict[str, object]] = {}
+    for lname in (_decode(n) for n in np.atleast_1d(root.attrs["layer_names"])):
+        if not (_CONV.match(lname) or _BN.match(lname) or lname == "unet_likelihood"):
+            continue  # layers without weights (input, pooling, ...) are never opened
+        if lname not in root:
+            raise ModelFileError(f"{path}: layer {lname} is listed in layer_names but its group is missing")
+        group = _link_target(root, lname, path)
+        if not isinstance(group, h5py.Group):
+            raise ModelFileError(f"{path}: layer {lname} is not a group")
+        weights = {}
+        for wname in (_decode(n) for n in np.atleast_1d(group.attrs.get("weight_names", []))):
+            ds = _link_target(group, wname, path)
+            if not isinstance(ds, h5py.Dataset):
+                raise ModelFileError(f"{path}: weight {wname} is not a dataset")
+            if ds.is_virtual or ds.external:
+                kind = "virtual dataset" if ds.is_virtual else "dataset with external storage"
+                raise ModelFileError(f"{path}: weight {wname} is a {kind}: refused (an official SynthSeg "
+                                     "weight file has none; its values would come from other files)")
+            if ds.dtype.kind != "f":
+                raise ModelFileError(f"{path}: weight {wname} holds {ds.dtype} values, not floating-point "
+                                     "weights")
+            weights[wname.split("/")[-1].split(":")[0]] = ds
+        if weights:
+            layers[lname] = weights
+    return layers
+
+
+def _config_from_layers(layers: dict[str, dict[str, object]], path: Path) -> UNetConfig:
+    """The network's size, from the shapes of a few datasets (never their values)."""
+    down = sorted({int(m.group(2)) for n in layers if (m := _CONV.match(n)) and m.group(1) == "downarm"})
+    convs = sorted({int(m.group(3)) for n in layers if (m := _CONV.match(n))})
+    if not down or "unet_likelihood" not in layers:
+        raise ModelFileError(f"{path} is not a SynthSeg segmentation U-Net (layers "
+                             "unet_conv_downarm_* and unet_likelihood not found); QC, "
+                             "parcellation and denoiser networks are not supported")
+
+    def kernel_shape(layer: str) -> tuple[int, ...] | None:
+        ds = layers.get(layer, {}).get("kernel")
+        if ds is None:
+            return None
+        if len(ds.shape) != 5:
+            raise ModelFileError(f"{path}: {layer}/kernel has shape {ds.shape} (rank {len(ds.shape)}); "
+                                 "a 3D convolution kernel has rank 5")
+        return tuple(ds.shape)
+
+    first, head = kernel_shape("unet_conv_downarm_0_0"), kernel_shape("unet_likelihood")
+    if first is None or head is None:
+        raise ModelFileError(f"{path}: kernel of unet_conv_downarm_0_0 or unet_likelihood missing")
+    second = kernel_shape("unet_conv_downarm_1_0")
+    mult = second[-1] // first[-1] if second is not None and first[-1] else 2
+    config = UNetConfig(in_channels=first[3], out_channels=head[-1], levels=len(down), features=first[-1],
+                        feature_multiplier=mult, convs_per_level=len(convs), kernel_size=first[0])
+    try:
+        config.check_limits()
+    except ValueError as e:
+        raise ModelFileError(f"{path}: unsupported network: {e}") from e
+    return config
+
+
+def read_keras_weights(path: str | os.PathLike) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """The network's configuration and its state dict from a Keras SynthSeg file.
+
+    Accepts weights-only saves and full-model saves (weights under ``model_weights/``). Every
+    dataset is checked (hard links only, no virtual or external storage, floating point, the
+    shape the configuration implies) before any is read.
     """
     import h5py
 
@@ -46,86 +170,44 @@ def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarra
     except OSError as e:
         raise ModelFileError(f"{path} is not an HDF5 (Keras .h5) file: {e}") from e
     with f:
-        root = f["model_weights"] if "model_weights" in f else f
-        if "layer_names" not in root.attrs:
-            raise ModelFileError(f"{path} is an HDF5 file without Keras weights (no layer_names)")
-        layers = {}
-        for lname in (_decode(n) for n in root.attrs["layer_names"]):
-            group = root[lname]
-            names = [_decode(n) for n in group.attrs.get("weight_names", [])]
-            weights = {}
-            for wname in names:
-                short = wname.split("/")[-1].split(":")[0]
-                weights[short] = np.asarray(group[wname])
-            if weights:
-                layers[lname] = weights
-    return layers
-
-
-def _config_from_layers(layers: dict[str, dict[str, np.ndarray]], path: Path) -> UNetConfig:
-    down = sorted({int(m.group(2)) for n in layers if (m := _CONV.match(n)) and m.group(1) == "downarm"})
-    convs = sorted({int(m.group(3)) for n in layers if (m := _CONV.match(n))})
-    if not down or "unet_likelihood" not in layers:
-        raise ModelFileError(f"{path} is not a SynthSeg segmentation U-Net (layers "
-                             "unet_conv_downarm_* and unet_likelihood not found); QC, "
-                             "parcellation and denoiser networks are not supported")
-    first = layers["unet_conv_downarm_0_0"]["kernel"]
-    head = layers["unet_likelihood"]["kernel"]
-    second = layers.get("unet_conv_downarm_1_0", {}).get("kernel")
-    mult = second.shape[-1] // first.shape[-1] if second is not None else 2
-    return UNetConfig(in_channels=first.shape[3], out_channels=head.shape[-1],
-                      levels=len(down), features=first.shape[-1], feature_multiplier=mult,
-                      convs_per_level=len(convs), kernel_size=first.shape[0])
-
-
-def keras_to_state_dict(layers: dict[str, dict[str, np.ndarray]], config: UNetConfig
-                        ) -> dict[str, torch.Tensor]:
-    """Map Keras layer weights onto :class:`SynthSegUNet` parameter names."""
-    levels = config.levels
-    state: dict[str, torch.Tensor] = {}
-
-    def module_prefix(arm: str, index: int) -> str:
-        # encoder levels are numbered 0..levels-1; decoder steps continue from `levels`,
-        # the first one working at level levels-2.
-        if arm in ("downarm", "down"):
-            return f"encoder.{index}"
-        step = index - levels if arm == "uparm" else index
-        return f"decoder.{levels - 2 - step}"
-
-    for lname, w in layers.items():
-        if (m := _CONV.match(lname)):
-            p = f"{module_prefix(m.group(1), int(m.group(2)))}.convs.{int(m.group(3))}.conv"
-            state[f"{p}.weight"] = torch.from_numpy(np.ascontiguousarray(
-                np.transpose(w["kernel"], (4, 3, 0, 1, 2))))
-            state[f"{p}.bias"] = torch.from_numpy(w["bias"])
-        elif (m := _BN.match(lname)):
-            p = f"{module_prefix(m.group(1), int(m.group(2)))}.bn"
-            state[f"{p}.weight"] = torch.from_numpy(w["gamma"])
-            state[f"{p}.bias"] = torch.from_numpy(w["beta"])
-            state[f"{p}.running_mean"] = torch.from_numpy(w["moving_mean"])
-            state[f"{p}.running_var"] = torch.from_numpy(w["moving_variance"])
-        elif lname == "unet_likelihood":
-            state["head.weight"] = torch.from_numpy(np.ascontiguousarray(
-                np.transpose(w["kernel"], (4, 3, 0, 1, 2))))
-            state["head.bias"] = torch.from_numpy(w["bias"])
-    return {k: v.to(torch.float32) for k, v in state.items()}
+        layers = _weight_datasets(f, path)
+        config = _config_from_layers(layers, path)
+        expected = config.tensor_shapes()
+        found: dict[str, object] = {}
+        for lname, weights in layers.items():
+            for wname, ds in weights.items():
+                name = _state_name(lname, wname, config.levels)
+                if name is None or name not in expected:
+                    raise ModelFileError(f"{path}: unexpected weight {lname}/{wname} for a "
+                                         f"{config.levels}-level network")
+                want = _keras_shape(expected[name])
+                if tuple(ds.shape) != want:
+                    raise ModelFileError(f"{path}: {lname}/{wname} has shape {tuple(ds.shape)}, "
+                                         f"expected {want}")
+                found[name] = ds
+        missing = sorted(set(expected) - set(found))
+        if missing:
+            raise ModelFileError(f"{path}: weights missing for {missing[:5]} (a layer without its bias, "
+                                 "BatchNorm statistics or group)")
+        values = config.parameter_count()
+        check_fits(20 * values, f"{path}: importing this network ({values:,} values)")
+        state = {}
+        for name, ds in found.items():
+            array = np.asarray(ds[()], dtype=np.float32)
+            if array.ndim == 5:
+                array = np.ascontiguousarray(np.transpose(array, (4, 3, 0, 1, 2)))
+            tensor = torch.from_numpy(array)
+            problem = weight_problem(name, tensor)
+            if problem:
+                raise ModelFileError(f"{path}: {problem}: the Keras file is damaged")
+            state[name] = tensor
+    return config, state
 
 
 def load_keras_model(path: str | os.PathLike) -> tuple[SynthSegUNet, UNetConfig]:
     """Build a :class:`SynthSegUNet` holding the weights of a Keras SynthSeg file."""
-    path = Path(path)
-    layers = read_keras_weights(path)
-    config = _config_from_layers(layers, path)
-    model = SynthSegUNet(config)
-    state = keras_to_state_dict(layers, config)
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ModelFileError(f"{path}: weights missing for {missing[:5]}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ModelFileError(f"{path}: {k} has shape {tuple(state[k].shape)}, "
-                                 f"expected {tuple(v.shape)}")
+    config, state = read_keras_weights(path)
+    model = SynthSegUNet(config)  # built only once every dataset matched the configuration
     model.load_state_dict(state, strict=False)
     return model.eval(), config
 

@@ -10,16 +10,20 @@ The safetensors header metadata (strings only) holds:
 - ``provenance``: JSON (origin, source file and its SHA-256, training steps, scores, ...)
 - ``checksum``: SHA-256 over the metadata above and every tensor (name, dtype, shape, bytes)
 
-Loading never unpickles anything, checks every tensor name and shape against the
-architecture, and refuses a file whose checksum does not match.
+Loading never unpickles anything. The file comes from elsewhere, so its configuration is
+checked against :data:`~.network.NETWORK_LIMITS`, its preprocessing settings against their
+ranges, and every tensor's name, shape and type against the configuration from the header,
+before any tensor is read or the network built; then the checksum, and NaN, infinite or
+negative-variance values, refuse what was altered or damaged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +33,9 @@ from safetensors.torch import save_file
 
 from .errors import ModelFileError
 from .labels import check_label_list
+from .memory_estimate import check_fits
 from .network import SynthSegUNet, UNetConfig
+from .output_files import atomic_output
 
 FORMAT_NAME = "synthseg-monai-model"
 FORMAT_VERSION = 1
@@ -75,11 +81,16 @@ class ModelInfo:
 
 
 def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    return _checksum_of(metadata, ((name, tensors[name]) for name in sorted(tensors)))
+
+
+def _checksum_of(metadata: dict[str, str], items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The checksum of :func:`_checksum` over (name, tensor) pairs given in sorted name order."""
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"},
                         sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
+    for name, t in items:
+        t = t.contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -108,28 +119,89 @@ def save_model(path: str | os.PathLike, model: SynthSegUNet, info: ModelInfo,
     tensors = model_tensors(model, dtype)
     meta = info.metadata()
     meta["checksum"] = _checksum(meta, tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
-def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _read_declared(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The metadata and each tensor's (dtype, shape) as the file's header declares them; no tensor is read."""
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            declared = {}
+            for k in f.keys():
+                part = f.get_slice(k)
+                declared[k] = (str(part.get_dtype()), tuple(int(n) for n in part.get_shape()))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path} is not a SynthSeg-MONAI model file (not safetensors: {e})") from e
-    return meta, tensors
+    return meta, declared
+
+
+def check_tensor_layout(path: Path, network: UNetConfig,
+                        declared: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Refuse tensors whose names, shapes or types do not match ``network`` (from the header alone)."""
+    expected = network.tensor_shapes()
+    missing = sorted(set(expected) - set(declared))
+    extra = sorted(set(declared) - set(expected))
+    if missing or extra:
+        raise ModelFileError(f"{path}: tensors do not match the architecture "
+                             f"(missing: {missing[:5]}, unexpected: {extra[:5]})")
+    for k, shape in expected.items():
+        dtype, found = declared[k]
+        if found != shape:
+            raise ModelFileError(f"{path}: tensor {k} has shape {found}, expected {shape}")
+        if dtype not in FLOAT_DTYPES:
+            raise ModelFileError(f"{path}: tensor {k} holds {dtype} values, not floating-point weights")
+
+
+def weight_problem(name: str, tensor: torch.Tensor) -> str | None:
+    """What makes a tensor unusable: NaN or infinite values, negative BatchNorm variances (either
+    gives all-background segmentations and NaN volumes without any error)."""
+    if not bool(torch.isfinite(tensor).all()):
+        return f"tensor {name} holds NaN or infinite values"
+    if name.endswith("running_var") and bool((tensor < 0).any()):
+        return f"tensor {name} holds negative BatchNorm variances"
+    return None
+
+
+def _verified_tensors(path: Path, keep: bool) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    """Check a model file: metadata, tensor layout (before reading any tensor), memory, then every
+    tensor's values and the checksum. Returns the tensors too when ``keep``."""
+    meta, declared = _read_declared(path)
+    info = _info_from_metadata(path, meta)
+    check_tensor_layout(path, info.network, declared)
+    values = info.network.parameter_count()
+    check_fits(values * (16 if keep else 4), f"{path}: loading this model ({values:,} values)")
+    tensors: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+
+    def read() -> Iterator[tuple[str, torch.Tensor]]:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(declared):
+                t = f.get_tensor(name)
+                problem = weight_problem(name, t)
+                if problem:
+                    problems.append(problem)
+                if keep:
+                    tensors[name] = t
+                yield name, t
+
+    try:
+        checksum = _checksum_of(meta, read())
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: unreadable tensor data ({e})") from e
+    if meta.get("checksum") != checksum:
+        raise ModelFileError(f"{path}: checksum mismatch: the file has been altered or damaged")
+    if problems:
+        raise ModelFileError(f"{path}: {problems[0]}: the model is damaged (a diverged training, or "
+                             "weights saved so); it would segment nothing")
+    return info, tensors
 
 
 def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
@@ -150,8 +222,13 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
         labels = [int(x) for x in json.loads(meta["labels"])]
         preprocessing = dict(DEFAULT_PREPROCESSING, **json.loads(meta.get("preprocessing", "{}")))
         provenance = json.loads(meta.get("provenance", "{}"))
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, OverflowError) as e:
         raise ModelFileError(f"{path}: damaged model metadata ({e})") from e
+    try:
+        network.check_limits()
+    except ValueError as e:
+        raise ModelFileError(f"{path}: unsupported network: {e}") from e
+    check_preprocessing(path, preprocessing)
     try:
         check_label_list(labels)
     except ValueError as e:
@@ -169,31 +246,47 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
                ) -> tuple[SynthSegUNet, ModelInfo]:
     """Load and verify a model file; returns the network in eval mode and its info."""
     path = Path(path)
-    meta, tensors = _read(path)
-    info = _info_from_metadata(path, meta)
-    if meta.get("checksum") != _checksum(meta, tensors):
-        raise ModelFileError(f"{path}: checksum mismatch: the file has been altered or damaged")
-    model = SynthSegUNet(info.network)
-    expected = model_tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ModelFileError(f"{path}: tensors do not match the architecture "
-                             f"(missing: {missing[:5]}, unexpected: {extra[:5]})")
-    for k, t in expected.items():
-        if tuple(tensors[k].shape) != tuple(t.shape):
-            raise ModelFileError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, "
-                                 f"expected {tuple(t.shape)}")
+    info, tensors = _verified_tensors(path, keep=True)
+    model = SynthSegUNet(info.network)  # built only once its configuration matches the tensors
     state = {k: v.to(torch.float32) for k, v in tensors.items()}
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), info
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
-    """Metadata of a model file, verified like :func:`load_model` but without building it."""
-    path = Path(path)
-    meta, tensors = _read(path)
-    info = _info_from_metadata(path, meta)
-    if meta.get("checksum") != _checksum(meta, tensors):
-        raise ModelFileError(f"{path}: checksum mismatch: the file has been altered or damaged")
-    return info
+    """Metadata of a model file, verified like :func:`load_model` (tensor names, shapes and types
+    checked against the configuration from the header, then values and checksum, one tensor at
+    a time) but without building the network."""
+    return _verified_tensors(Path(path), keep=False)[0]
+
+
+def check_preprocessing(path: Path, pre: dict) -> None:
+    """Refuse preprocessing settings that are not numbers in their ranges (they come from the file)."""
+    from .memory_estimate import MAX_GRID_SIDE
+    from .volume_io import MAX_VOXEL_MM, MIN_VOXEL_MM
+
+    def number(key: str, low: float, high: float, integer: bool = False, optional: bool = False) -> None:
+        v = pre.get(key)
+        if optional and v is None:
+            return
+        ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+        if not ok or not math.isfinite(v) or not low <= v <= high:
+            kind = "an integer" if integer else "a number"
+            raise ModelFileError(f"{path}: preprocessing setting {key} = {v!r} is not {kind} from {low} "
+                                 f"to {high}")
+
+    number("target_resolution_mm", MIN_VOXEL_MM, MAX_VOXEL_MM)
+    number("resample_tolerance_mm", 0.0, 1.0)
+    number("min_pad", 1, MAX_GRID_SIDE, integer=True)
+    number("posterior_smoothing_sigma", 0.0, 5.0, optional=True)
+    number("mask_threshold", 0.0, 1.0)
+    number("fast_threshold", 0.0, 1.0)
+    if not isinstance(pre.get("flip_averaging"), bool):
+        raise ModelFileError(f"{path}: preprocessing setting flip_averaging = {pre.get('flip_averaging')!r} "
+                             "is not true or false")
+    pct = pre.get("intensity_percentiles")
+    if not (isinstance(pct, list) and len(pct) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pct)
+            and 0 <= pct[0] < pct[1] <= 100):
+        raise ModelFileError(f"{path}: preprocessing setting intensity_percentiles = {pct!r} is not two "
+                             "increasing percentiles from 0 to 100")

@@ -70,16 +70,7 @@ def resolve_model(model: str | os.PathLike | None = None, v1: bool = False) -> P
     With ``v1`` and no explicit model, the SynthSeg 1.0 model (``synthseg_1.0``) is chosen.
     """
     if model:
-        path = Path(model).expanduser()
-        if path.suffix == MODEL_SUFFIX or path.exists() or os.sep in str(model):
-            if not path.is_file():
-                raise ModelFileError(f"model file not found: {path}")
-            return path
-        for m in available_models():
-            if m.name == str(model):
-                return m.path
-        names = ", ".join(m.name for m in available_models()) or "none"
-        raise ModelFileError(f"no model named {model!r} (available: {names})")
+        return _resolve_named(str(model))
     wanted = ["synthseg_1.0"] if v1 else [DEFAULT_MODEL_NAME, "synthseg_2.0"]
     models = {m.name: m.path for m in available_models()}
     for name in wanted:
@@ -90,6 +81,52 @@ def resolve_model(model: str | os.PathLike | None = None, v1: bool = False) -> P
                              "synthseg-monai import-keras ... -o ~/.synthseg-monai/models/"
                              "synthseg_1.0.safetensors, or pass --model")
     raise ModelFileError(HOW_TO_GET_A_MODEL)
+
+
+KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
+
+
+def _keras_hint(path: Path) -> str:
+    return (f"{path} is a Keras file: convert it once with\n"
+            f"  synthseg-monai import-keras {path} -o {user_model_dir() / (path.stem + MODEL_SUFFIX)}\n"
+            f"then pass --model {path.stem}")
+
+
+def _resolve_named(model: str) -> Path:
+    """An existing file first, then an installed model by name (with or without ``.safetensors``)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() in KERAS_SUFFIXES:
+            raise ModelFileError(_keras_hint(path))
+        return path
+    if path.exists():
+        raise ModelFileError(f"--model {model}: not a file")
+    name = path.name[: -len(MODEL_SUFFIX)] if path.name.endswith(MODEL_SUFFIX) else path.name
+    if path.name == model or path.name == str(model).rstrip("/"):  # a bare name, not a path
+        for m in available_models():
+            if m.name == name:
+                return m.path
+    if path.suffix.lower() in KERAS_SUFFIXES:
+        raise ModelFileError(f"model file not found: {path} (and {path.name} is a Keras file: "
+                             "convert it with synthseg-monai import-keras first)")
+    raise ModelFileError(f"model not found: {model!r} is neither a file nor an installed model.\n"
+                         f"{installed_models_text()}\n{HOW_TO_GET_A_MODEL_SHORT}")
+
+
+HOW_TO_GET_A_MODEL_SHORT = (
+    "To install one, convert the official SynthSeg weights that FreeSurfer 7.3+ ships:\n"
+    "  synthseg-monai import-keras $FREESURFER_HOME/models/synthseg_2.0.h5 "
+    "-o ~/.synthseg-monai/models/synthseg_2.0.safetensors"
+)
+
+
+def installed_models_text() -> str:
+    """One line: the installed model names, or that there are none, and where they were looked for."""
+    names = [m.name for m in available_models()]
+    where = ", ".join(str(p) for p in model_search_paths())
+    if not names:
+        return f"No model is installed (searched: {where})."
+    return f"Installed models: {', '.join(names)} (in {where})."
 
 
 def describe(path: Path):

@@ -9,6 +9,7 @@ convolutions and a BatchNorm. A 1x1x1 convolution gives the logits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,19 @@ from torch.nn import functional as F
 # Keras BatchNormalization defaults used by SynthSeg.
 KERAS_BN_EPS = 1e-3
 KERAS_BN_MOMENTUM = 0.01  # PyTorch convention: 1 - Keras momentum (0.99)
+
+#: Bounds on a network described by a file (model file, Keras import): SynthSeg's own is 1, 33, 5,
+#: 24, 2, 2, 3. Files come from others, so the size is checked before anything is built.
+NETWORK_LIMITS = {
+    "in_channels": (1, 1),  # the pipeline feeds one image channel
+    "out_channels": (2, 1024),
+    "levels": (2, 8),
+    "features": (1, 256),
+    "feature_multiplier": (1, 4),
+    "convs_per_level": (1, 6),
+    "kernel_size": (1, 7),
+}
+MAX_PARAMETERS = 200_000_000  # about 15 times SynthSeg's 13.2 million
 
 
 @dataclass(frozen=True)
@@ -47,16 +61,58 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"network settings must be a mapping, not {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown network settings: {sorted(unknown)}")
-        cfg = cls(**{k: int(v) for k, v in d.items()})
+        try:
+            cfg = cls(**{k: int(v) for k, v in d.items()})
+        except (TypeError, OverflowError) as e:
+            raise ValueError(f"network settings must be integers ({e})") from e
         if min(cfg.in_channels, cfg.out_channels, cfg.levels, cfg.features,
                cfg.feature_multiplier, cfg.convs_per_level) < 1:
             raise ValueError("network settings must be positive")
         if cfg.kernel_size % 2 != 1:
             raise ValueError("kernel_size must be odd")
         return cfg
+
+    def check_limits(self) -> None:
+        """Raise ValueError if a setting or the parameter count is outside :data:`NETWORK_LIMITS`."""
+        for name, (low, high) in NETWORK_LIMITS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} = {value} is outside the supported range {low} to {high}")
+        if self.kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size = {self.kernel_size} must be odd")
+        n = self.parameter_count()
+        if n > MAX_PARAMETERS:
+            raise ValueError(f"the network would have {n:,} parameters (limit {MAX_PARAMETERS:,})")
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor a model file stores for this network (the state dict of
+        :class:`SynthSegUNet` without BatchNorm counters), computed without building it."""
+        feats, k = self.level_features(), self.kernel_size
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def level(prefix: str, cin: int, cout: int) -> None:
+            for j in range(self.convs_per_level):
+                shapes[f"{prefix}.convs.{j}.conv.weight"] = (cout, cin if j == 0 else cout, k, k, k)
+                shapes[f"{prefix}.convs.{j}.conv.bias"] = (cout,)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{prefix}.bn.{name}"] = (cout,)
+
+        for i in range(self.levels):
+            level(f"encoder.{i}", self.in_channels if i == 0 else feats[i - 1], feats[i])
+        for i in range(self.levels - 1):
+            level(f"decoder.{i}", feats[i] + feats[i + 1], feats[i])
+        shapes["head.weight"] = (self.out_channels, feats[0], 1, 1, 1)
+        shapes["head.bias"] = (self.out_channels,)
+        return shapes
+
+    def parameter_count(self) -> int:
+        """Number of values in :meth:`tensor_shapes` (weights and BatchNorm statistics)."""
+        return sum(math.prod(s) for s in self.tensor_shapes().values())
 
 
 class UNetLevel(nn.Module):

@@ -16,10 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ModelFileError, OptionError, ResourceLimitError
+from .image_header import ImageHeader, read_image_header
 from .inference import SlabNetwork
 from .labels import flip_indices, topological_classes
+from .memory_estimate import (
+    MAX_GRID_SIDE,
+    RunShapes,
+    check_fits,
+    check_grid,
+    gpu_network_bytes,
+    segmentation_bytes,
+)
 from .model_file import load_model
-from .output_files import OutputTransaction
+from .output_files import OutputTransaction, check_output_name
 from .postprocess import normalise_and_argmax, postprocess_default, postprocess_fast
 from .preprocess import (
     Orientation,
@@ -28,9 +38,12 @@ from .preprocess import (
     linear_along_axis,
     needs_resampling,
     normalise,
+    orientation_to_ras,
     padding_box,
     reorient_to_ras,
+    resample_grid,
     resample_to_1mm,
+    resampled_affine,
     round_up,
 )
 from .volume_io import Image, load_image, save_image
@@ -83,6 +96,9 @@ class Result:
     volume_row: list[str]
     labels: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    written: dict[str, Path] = field(default_factory=dict)  #: output kind -> file actually written
+    empty: bool = False  #: no voxel got a structure (every posterior under the thresholds)
+    notes: list[str] = field(default_factory=list)  #: warnings for the user
 
 
 class Segmenter:
@@ -103,7 +119,7 @@ class Segmenter:
     # ---------------------------------------------------------------------------------------
     def segment(self, input_path: str | os.PathLike, outputs: Outputs, fast: bool = False,
                 crop: list[int] | None = None, output_grid: str = "synthseg",
-                progress: ProgressFn | None = None) -> Result:
+                progress: ProgressFn | None = None, channel: int | None = None) -> Result:
         """Segment one image; every output is written atomically, or none on error."""
         report = progress or (lambda stage, f: None)
         timings: dict[str, float] = {}
@@ -116,7 +132,14 @@ class Segmenter:
             clock = now
 
         report("loading", 0.0)
-        image = load_image(input_path)
+        for path in (outputs.segmentation, outputs.posteriors, outputs.resampled):
+            if path is not None:
+                check_output_name(Path(path))
+        # sizes come from the header: nothing is allocated for an image that cannot fit
+        declared = read_image_header(input_path)
+        self._check_memory(declared, self._run_shapes(declared, crop), outputs, output_grid)
+        image = load_image(input_path, channel, declared)
+        notes = list(image.notes)
         lap("load")
         report("preprocessing", STAGES["preprocessing"][0])
         prep = self._preprocess(image, crop)
@@ -132,6 +155,9 @@ class Segmenter:
         post_t = self.network.posteriors(volume, sigma=self.pre.get("posterior_smoothing_sigma"),
                                          flip_indices=flip, progress=net_progress)
         del volume
+        if not torch.isfinite(post_t.sum()):
+            raise ModelFileError(f"{input_path}: the network's output holds NaN or infinite values "
+                                 "(the model's weights overflow on this image)")
         post = post_t.cpu().numpy() if post_t.device.type != "cpu" else post_t.numpy()
         lap("network")
         report("postprocessing", STAGES["postprocessing"][0])
@@ -151,10 +177,11 @@ class Segmenter:
         row = [subject_name(image.path), *volume_row(sums, prep.voxel_volume, with_total=24 in self.labels)]
         lap("postprocess")
         report("writing", STAGES["writing"][0])
-        self._write(image, prep, seg_ras, post, outputs, output_grid)
+        empty = not seg_ras.any()
+        written = self._write(image, prep, seg_ras, post, outputs, output_grid)
         lap("write")
         report("done", 1.0)
-        return Result(Path(input_path), outputs, row, self.labels, timings)
+        return Result(Path(input_path), outputs, row, self.labels, timings, written, empty, notes)
 
     # ---------------------------------------------------------------------------------------
     def _preprocess(self, image: Image, crop: list[int] | None) -> _Prepared:
@@ -166,24 +193,89 @@ class Segmenter:
             voxel_volume = np.float32(target**3)
         resampled = data
         ras, _, orientation = reorient_to_ras(data, affine)
-        # SynthSeg pads to multiples of 2**5 (its level count); deeper networks need more
-        multiple = max(32, self.model.config.size_multiple)
-        if crop:
-            crop = list(crop) * 3 if len(crop) == 1 else list(crop)
-            box = centre_crop_box(ras.shape, crop, multiple)
-            min_pad = [round_up(c, multiple) for c in crop]
-        else:
-            box = (slice(0, ras.shape[0]), slice(0, ras.shape[1]), slice(0, ras.shape[2]))
-            min_pad = [int(self.pre.get("min_pad", 128))] * 3
+        box, min_pad = self._crop_box(ras.shape, crop)
         block = ras[box]
         lo, hi = self.pre.get("intensity_percentiles", [0.5, 99.5])
         norm = normalise(block, lo, hi)
-        padding = padding_box(norm.shape, min_pad, multiple)
+        padding = padding_box(norm.shape, min_pad, self._multiple)
         padded = np.pad(norm, padding).astype(np.float32)
         return _Prepared(affine=affine, grid=grid, resampled=resampled if grid is not None else None,
                          orientation=orientation, ras_shape=ras.shape, crop_box=box,
                          cropped_shape=block.shape, padding=padding, padded=padded,
                          voxel_volume=voxel_volume)
+
+    @property
+    def _multiple(self) -> int:
+        # SynthSeg pads to multiples of 2**5 (its level count); deeper networks need more
+        return max(32, self.model.config.size_multiple)
+
+    def _crop_box(self, ras_shape: tuple[int, ...], crop: list[int] | None
+                  ) -> tuple[tuple[slice, slice, slice], list[int]]:
+        """``--crop``'s box in the RAS volume and the size the network's input is padded to."""
+        multiple = self._multiple
+        if crop:
+            crop = list(crop) * 3 if len(crop) == 1 else list(crop)
+            if len(crop) != 3 or any(int(c) < 1 for c in crop):
+                given = " ".join(map(str, crop))
+                raise OptionError(f"--crop takes one or three positive sizes (got {given})")
+            return centre_crop_box(ras_shape, crop, multiple), [round_up(c, multiple) for c in crop]
+        box = (slice(0, ras_shape[0]), slice(0, ras_shape[1]), slice(0, ras_shape[2]))
+        return box, [int(self.pre.get("min_pad", 128))] * 3
+
+    def _run_shapes(self, declared: ImageHeader, crop: list[int] | None) -> RunShapes:
+        """The shapes of the arrays segmenting ``declared``'s image makes, from its header alone;
+        refused when a grid exceeds :data:`MAX_GRID_SIDE`."""
+        target = float(self.pre.get("target_resolution_mm", 1.0))
+        shape, affine, steps = tuple(declared.shape[:3]), declared.affine, ()
+        if needs_resampling(declared.zooms, target, float(self.pre.get("resample_tolerance_mm", 0.05))):
+            pixdim = np.sqrt(np.sum(affine * affine, axis=0))[:-1]
+            rough = tuple(int(np.ceil(n * p / target)) for n, p in zip(shape, pixdim))
+            check_grid(rough, f"the {target:g} mm grid", declared.path, _GRID_ADVICE)  # before any array
+            g = resample_grid(shape, affine, target).shape
+            steps = ((g[0], shape[1], shape[2]), (g[0], g[1], shape[2]), g)
+            shape, affine = g, resampled_affine(affine, target)
+        check_grid(shape, f"the {target:g} mm grid", declared.path, _GRID_ADVICE)
+        ras_shape = tuple(shape[a] for a in orientation_to_ras(affine).axes)
+        box, min_pad = self._crop_box(ras_shape, crop)
+        crop_shape = tuple(b.stop - b.start for b in box)
+        padded = tuple(n + lo + hi for n, (lo, hi) in zip(crop_shape, padding_box(crop_shape, min_pad,
+                                                                                   self._multiple)))
+        check_grid(padded, "the network's padded input", declared.path,
+                   "use a smaller --crop" if crop else "the model's min_pad is too large")
+        return RunShapes(declared.stored_values, declared.dtype.itemsize, tuple(declared.shape[:3]), steps,
+                         shape, crop_shape, padded)
+
+    def _check_memory(self, declared: ImageHeader, shapes: RunShapes, outputs: Outputs,
+                      output_grid: str) -> None:
+        """Refuse an image whose run would not fit the memory available, suggesting a ``--crop`` that fits."""
+        cfg = self.model.config
+        on_gpu = self.device.type == "cuda"
+
+        def need(s: RunShapes) -> int:
+            return segmentation_bytes(s, cfg.out_channels, cfg.level_features(), self.network.budget,
+                                      posteriors=outputs.posteriors is not None,
+                                      input_grid=output_grid == "input", on_gpu=on_gpu)
+
+        def advice(available: int) -> str:
+            multiple = self._multiple
+            largest = round_up(max(shapes.crop_shape), multiple) - multiple
+            for c in range(largest, 2 * multiple - 1, -multiple):
+                try:
+                    if need(self._run_shapes(declared, [c])) <= available:
+                        return f"try --crop {c} (segments a centred block of {c}^3 voxels)"
+                except ResourceLimitError:
+                    continue
+            return "a smaller field of view, or a machine with more memory, is needed"
+
+        grid = "x".join(map(str, shapes.grid_shape))
+        check_fits(need(shapes), f"{declared.path}: segmenting this image ({grid} grid, network input "
+                                 f"{'x'.join(map(str, shapes.padded_shape))})", advice)
+        if on_gpu:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            check_fits(gpu_network_bytes(shapes, cfg.out_channels, cfg.level_features(), self.network.budget),
+                       f"{declared.path}: the network's pass on the GPU", "try --crop, or --cpu",
+                       available=free)
 
     def _full_posteriors_ras(self, post: np.ndarray, prep: _Prepared) -> np.ndarray:
         """(X, Y, Z, C) float32 posteriors of the whole (uncropped) RAS volume."""
@@ -193,17 +285,20 @@ class Segmenter:
         return full
 
     def _write(self, image: Image, prep: _Prepared, seg_ras: np.ndarray, post: np.ndarray,
-               outputs: Outputs, output_grid: str) -> None:
+               outputs: Outputs, output_grid: str) -> dict[str, Path]:
         header = image.header
+        written = {"segmentation": outputs.segmentation}
         with OutputTransaction() as tx:
             if outputs.resampled is not None and prep.resampled is not None:
                 save_image(prep.resampled, prep.affine, header, tx.temporary(outputs.resampled))
+                written["resampled"] = outputs.resampled
             cropped = any(s.stop - s.start != n for s, n in zip(prep.crop_box, prep.ras_shape))
-            if cropped:
+            to_input = output_grid == "input" and prep.grid is not None
+            if cropped and (outputs.posteriors is not None or to_input):  # else no whole-grid posteriors
                 post_ras = self._full_posteriors_ras(post, prep)
             else:
                 post_ras = post.transpose(1, 2, 3, 0)
-            if output_grid == "input" and prep.grid is not None:
+            if to_input:
                 seg, post_in = _to_input_grid(prep.orientation.from_ras(post_ras), prep.grid,
                                               self.labels, want_posteriors=outputs.posteriors is not None)
                 affine = image.affine
@@ -215,6 +310,8 @@ class Segmenter:
             save_image(seg, affine, header, tx.temporary(outputs.segmentation), dtype="int32")
             if outputs.posteriors is not None:
                 save_image(post_in, affine, header, tx.temporary(outputs.posteriors), dtype="float32")
+                written["posteriors"] = outputs.posteriors
+        return written
 
 
 @dataclass
@@ -229,6 +326,11 @@ class _Prepared:
     padding: tuple[tuple[int, int], ...]
     padded: np.ndarray
     voxel_volume: np.floating
+
+
+_GRID_ADVICE = (f"check the voxel sizes in the header, or crop the image to the head first (the limit is "
+                f"{MAX_GRID_SIDE} voxels per side at the model's resolution; --crop applies after "
+                "resampling)")
 
 
 def _input_coordinates(grid: ResampleGrid, axis: int, n_resampled: int) -> np.ndarray:

@@ -80,11 +80,17 @@ def resample_to_1mm(data: np.ndarray, affine: np.ndarray, target: float = 1.0
     blurred = gaussian_filter(data, sigmas)
     grid = resample_grid(data.shape, affine, target)
     out = resample_linear(blurred, grid)
+    return out, resampled_affine(affine, target), grid
+
+
+def resampled_affine(affine: np.ndarray, target: float = 1.0) -> np.ndarray:
+    """The affine of :func:`resample_to_1mm`'s output."""
+    factor = np.sqrt(np.sum(affine * affine, axis=0))[:-1] / target
     new_affine = affine.copy()
     for c in range(3):
         new_affine[:-1, c] = new_affine[:-1, c] / factor[c]
     new_affine[:-1, -1] = new_affine[:-1, -1] - new_affine[:-1, :-1] @ (0.5 * (factor - 1))
-    return out, new_affine, grid
+    return new_affine
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class Progress:
         self.lines = lines
         self.image = 0
         show_bar = sys.stderr.isatty() if bar is None else bar
-        self.bar = tqdm(total=1000, unit="‰", disable=not show_bar or lines, leave=False,
+        self.bar = tqdm(total=1000, unit="‰", disable=not show_bar or lines, leave=True,
                         bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
         self._last = 0
 
@@ -60,6 +60,14 @@ class Progress:
             self.bar.update(ticks - self._last)
             self._last = ticks
 
+    def message(self, text: str, error: bool = False) -> None:
+        """A line for the user, printed above the bar (never on the bar's own line)."""
+        stream = sys.stderr if error else sys.stdout
+        if self.bar.disable:
+            print(text, file=stream, flush=True)
+        else:
+            self.bar.write(text, file=stream)
+
     def result(self, payload: dict) -> None:
         if self.lines:
             print(format_line(RESULT_PREFIX, payload), flush=True)
@@ -69,4 +77,8 @@ class Progress:
             print(format_line(ERROR_PREFIX, payload), flush=True)
 
     def close(self) -> None:
+        """End the bar at 100 % (failed images count as done) on a line of its own."""
+        if self._last < 1000:
+            self.bar.update(1000 - self._last)
+            self._last = 1000
         self.bar.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +28,7 @@ class Image:
     header: object | None
     zooms: np.ndarray
     path: Path
+    notes: list[str] = field(default_factory=list)  #: warnings for the user (e.g. a channel was picked)
 
 
 def image_suffix(path: str | os.PathLike) -> str | None:
@@ -41,54 +42,34 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p))
 
 
-def _load_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nrrd
+def _load_nrrd(path: Path, header=None) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (float64, spatial axes first) and RAS affine of a NRRD file (see :mod:`.nrrd_reader`)."""
+    from .nrrd_reader import read_nrrd_data, read_nrrd_header
 
-    data, header = nrrd.read(str(path))
-    dirs = header.get("space directions")
-    if dirs is None:
-        raise InputImageError(f"{path}: NRRD file without 'space directions'")
-    dirs = np.asarray([d for d in dirs if d is not None and not np.any(np.isnan(np.asarray(d, float)))],
-                      dtype=float)
-    if data.ndim == 4 and dirs.shape[0] == 3:
-        kinds = header.get("kinds", [])
-        if kinds and kinds[0] not in ("domain", "space"):
-            data = np.moveaxis(data, 0, -1)
-    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
-    space = str(header.get("space", "left-posterior-superior")).lower()
-    affine = np.eye(4)
-    affine[:3, :3] = dirs.T
-    affine[:3, 3] = origin
-    if space in ("left-posterior-superior", "lps"):
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    elif space not in ("right-anterior-superior", "ras"):
-        raise InputImageError(f"{path}: unsupported NRRD space {space!r}")
-    return np.asarray(data, dtype=np.float64), affine
+    header = header or read_nrrd_header(path)
+    return np.asarray(read_nrrd_data(header), dtype=np.float64), header.affine
 
 
-def load_image(path: str | os.PathLike) -> Image:
-    """Load and check an image the way SynthSeg does (float64, squeezed, first of <=10 frames)."""
+def load_image(path: str | os.PathLike, channel: int | None = None, declared=None) -> Image:
+    """Load and check an image the way SynthSeg does (float64, squeezed, first of <=10 channels).
+
+    ``channel`` picks another channel of a multi-channel image (0-based). ``declared`` is the
+    file's :class:`~.image_header.ImageHeader` when already read (it is read and checked
+    first otherwise, so that nothing is allocated for a header that declares nonsense).
+    """
+    from .image_header import read_image_header, squeeze_extra_axes
+
     path = Path(path)
-    if not path.exists():
-        raise InputImageError(f"{path}: file not found")
-    if not path.is_file():
-        raise InputImageError(f"{path}: not a file")
-    suffix = image_suffix(path)
-    if suffix is None:
-        raise InputImageError(f"{path}: not an image (expected one of {', '.join(IMAGE_SUFFIXES)})")
+    declared = declared if declared is not None else read_image_header(path)
+    suffix, affine, zooms = declared.suffix, declared.affine, declared.zooms
     try:
         if suffix in (".nrrd", ".nhdr"):
-            data, affine = _load_nrrd(path)
+            data, _ = _load_nrrd(path, declared.nrrd)
             header = None
-            zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         else:
             img = nib.load(str(path))
             data = img.get_fdata(dtype=np.float64)
-            affine = np.asarray(img.affine, dtype=np.float64)
             header = img.header
-            zooms = np.asarray(header.get_zooms(), dtype=np.float32)
-            if suffix in (".nii", ".nii.gz"):
-                zooms = _raw_nifti_zooms(path, zooms)
     except InputImageError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -97,7 +78,25 @@ def load_image(path: str | os.PathLike) -> Image:
         if suffix in (".nii.gz", ".mgz") and not _gzip_intact(path):
             raise InputImageError(f"{path}: corrupt or truncated compressed (gzip) file") from e
         raise InputImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    return check_image(Image(np.squeeze(data), affine, header, zooms, path))
+    return check_image(pick_channel(Image(squeeze_extra_axes(data), affine, header, zooms, path), channel))
+
+
+def pick_channel(image: Image, channel: int | None = None) -> Image:
+    """SynthSeg's rule: a last dimension of at most 10 holds channels; keep the first (or ``channel``)."""
+    data = image.data
+    if data.ndim == 4 and data.shape[-1] <= MAX_CHANNELS:
+        n = data.shape[-1]
+        index = 0 if channel is None else channel
+        if not 0 <= index < n:
+            raise InputImageError(f"{image.path}: --channel {index} does not exist (the image has {n} channels, "
+                                  f"0 to {n - 1})")
+        image.data = np.ascontiguousarray(data[..., index])
+        if channel is None:
+            image.notes.append(f"{image.path.name} has {n} channels: segmenting the first (as SynthSeg); "
+                               "--channel N picks another")
+    elif channel:
+        raise InputImageError(f"{image.path}: --channel {channel} given, but the image has a single channel")
+    return image
 
 
 def _raw_nifti_zooms(path: Path, zooms: np.ndarray) -> np.ndarray:
@@ -108,11 +107,15 @@ def _raw_nifti_zooms(path: Path, zooms: np.ndarray) -> np.ndarray:
     return stored if np.any(stored[:3] <= 0) else zooms
 
 
-def _gzip_intact(path: Path) -> bool:
+def _gzip_intact(path: Path, limit: int = 2**32) -> bool:
+    """Whether the gzip stream decompresses without error (as far as ``limit`` bytes)."""
     try:
         with gzip.open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+            while limit > 0:
+                chunk = len(f.read(1 << 24))
+                if not chunk:
+                    break
+                limit -= chunk
         return True
     except (OSError, EOFError, zlib.error):
         return False
@@ -121,11 +124,8 @@ def _gzip_intact(path: Path) -> bool:
 def check_image(image: Image) -> Image:
     """Reject what cannot be segmented, with a message that says why."""
     data, path = image.data, image.path
-    if data.ndim == 4:
-        if data.shape[-1] > MAX_CHANNELS:
-            raise InputImageError(f"{path}: 4D image with {data.shape[-1]} volumes; give a single 3D volume")
-        raise InputImageError(f"{path}: image has {data.shape[-1]} channels; SynthSeg segments a "
-                              "single-channel 3D volume (extract one channel first)")
+    if data.ndim == 4:  # more than MAX_CHANNELS: a series of volumes, not channels
+        raise InputImageError(f"{path}: 4D image with {data.shape[-1]} volumes; give a single 3D volume")
     if data.ndim < 3:
         raise InputImageError(f"{path}: {data.ndim}D image of shape {data.shape}; a 3D volume is required")
     if data.ndim > 4:
@@ -135,17 +135,25 @@ def check_image(image: Image) -> Image:
     if data.max() == data.min():
         what = "all zero" if data.max() == 0 else "constant"
         raise InputImageError(f"{path}: image is {what}; nothing to segment")
-    zooms = np.asarray(image.zooms[:3], dtype=float)
-    norms = np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0))
+    check_geometry(path, image.zooms, image.affine)
+    return image
+
+
+def check_geometry(path: Path, zooms: np.ndarray, affine: np.ndarray) -> None:
+    """Refuse a position that is not finite, implausible voxel sizes and a singular affine."""
+    if not np.all(np.isfinite(affine)):
+        raise InputImageError(f"{path}: the image's position (affine: sform, qform, MGZ centre or NRRD "
+                              "origin and directions) holds NaN or infinite values; fix the header")
+    zooms = np.asarray(zooms[:3], dtype=float)
+    norms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     for label, sizes in (("header voxel size", zooms), ("affine voxel size", norms)):
         if np.any(~np.isfinite(sizes)) or np.any(sizes <= 0):
             raise InputImageError(f"{path}: invalid {label} {tuple(np.round(sizes, 4))} mm (zero or negative)")
         if np.any(sizes < MIN_VOXEL_MM) or np.any(sizes > MAX_VOXEL_MM):
             raise InputImageError(f"{path}: implausible {label} {tuple(np.round(sizes, 4))} mm "
                                   f"(expected between {MIN_VOXEL_MM} and {MAX_VOXEL_MM} mm)")
-    if abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputImageError(f"{path}: singular affine (axes are not independent)")
-    return image
 
 
 def _nifti_like(data: np.ndarray, affine: np.ndarray, header, dtype: str | None):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 
 from .errors import OutputPathError
 from .labels import csv_names
+from .output_files import atomic_output
 
 
 def soft_volumes(posteriors_xyzc: np.ndarray, dtype=np.float32, chunk: int = 8) -> np.ndarray:
@@ -61,11 +60,8 @@ def write_volumes_csv(path: Path, labels: list[int], rows: Iterable[list[str]]) 
     for row in rows:
         writer.writerow(row)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", newline="") as f:
+        with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
             f.write(buf.getvalue())
-        os.replace(tmp, path)
     except OSError as e:
         raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from e
     return path

@@ -3,7 +3,9 @@
 The child is started in a process group (POSIX) / process tree (Windows) of its own, so
 cancelling kills it together with anything it started. A reader thread turns each output
 line into an event; the caller drains the events with :meth:`ProcessRunner.poll` (the widget
-from a QTimer, the scripting API in a loop), so nothing blocks the GUI thread.
+from a QTimer, the scripting API in a loop), so nothing blocks the GUI thread. Cancelling
+returns at once: a background thread asks the process tree to stop, kills it after a grace
+period, and the final :class:`FinishedEvent` arrives through ``poll`` once it is gone.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ class ProcessRunner:
     _threads: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
     _cancelled: bool = field(default=False, init=False)
     _finished: bool = field(default=False, init=False)
+    _killer: threading.Thread | None = field(default=None, init=False, repr=False)
+    _exited: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def pid(self) -> int | None:
@@ -136,7 +142,13 @@ class ProcessRunner:
         returncode = self._process.wait()
         for t in self._threads:
             t.join()
-        self._events.put(FinishedEvent(returncode, self._cancelled))
+        with self._lock:
+            self._exited = True
+            killer = self._killer
+        if killer is not None:
+            killer.join()  # a cancelled run ends when its whole process tree is gone
+        self._events.put(FinishedEvent(returncode, killer is not None))
+        self._done.set()
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
         """Events since the last call; waits up to ``timeout`` s for the first one."""
@@ -156,12 +168,32 @@ class ProcessRunner:
         """True until the process has ended and its last event has been polled."""
         return self._process is not None and not self._finished
 
-    def cancel(self, grace_s: float = 3.0) -> None:
-        """Stop the child and every process it started; returns once they are gone."""
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._cancelled = True
-        kill_process_tree(self._process, grace_s)
+    @property
+    def cancelling(self) -> bool:
+        """True while a cancelled process tree is still being stopped."""
+        return self._cancelled and not self._done.is_set()
+
+    def cancel(self, grace_s: float = 3.0, wait: bool = False) -> None:
+        """Stop the child and every process it started.
+
+        Returns at once (unless ``wait``): a background thread sends the polite signal, kills
+        what is left after ``grace_s`` seconds, and the :class:`FinishedEvent` (``cancelled``)
+        follows through :meth:`poll` once the whole tree is gone.
+        """
+        with self._lock:
+            if self._process is not None and not self._cancelled and not self._exited:
+                self._cancelled = True
+                killer = threading.Thread(target=kill_process_tree, args=(self._process, grace_s), daemon=True)
+                killer.start()
+                self._killer = killer
+        if wait:
+            self.wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the process (tree, when cancelled) has ended; False on timeout."""
+        if self._process is None:
+            return True
+        return self._done.wait(timeout)
 
 
 def kill_process_tree(process: subprocess.Popen, grace_s: float = 3.0) -> None:

@@ -168,19 +168,20 @@ class SegmentationJob:
             env["CUDA_VISIBLE_DEVICES"] = "-1"
         return env
 
-    def cancel(self) -> None:
-        """Kill the engine (and its children), remove temporary files; scene unchanged."""
-        if self.state is not JobState.SEGMENTING:
-            return
-        self.state = JobState.CANCELLING
-        self._emit_log("Cancelling...")
-        assert self._runner is not None
-        self._runner.cancel()
-        self._runner.poll()
-        self._cleanup()
-        self.state = JobState.CANCELLED
-        self.error = "Segmentation cancelled."
-        self._emit_log(self.error)
+    def cancel(self, wait: bool = False) -> None:
+        """Stop the engine (and its children); the scene stays unchanged.
+
+        Returns at once: the state is ``CANCELLING`` until :meth:`poll` sees the process tree
+        gone, then ``CANCELLED`` (temporary files removed). ``wait=True`` blocks until then.
+        """
+        if self.state is JobState.SEGMENTING:
+            self.state = JobState.CANCELLING
+            self._emit_log("Cancelling...")
+            assert self._runner is not None
+            self._runner.cancel()
+        if wait:
+            while self.state is JobState.CANCELLING:
+                self.poll(0.2)
 
     @property
     def pid(self) -> int | None:
@@ -194,9 +195,17 @@ class SegmentationJob:
     # --- progress ------------------------------------------------------------------------
     def poll(self, timeout: float = 0.0) -> JobState:
         """Handle the engine's output so far; imports the results once it has ended."""
-        if self.state is not JobState.SEGMENTING or self._runner is None:
+        if self.state not in (JobState.SEGMENTING, JobState.CANCELLING) or self._runner is None:
             return self.state
         for event in self._runner.poll(timeout):
+            if self.state is JobState.CANCELLING:
+                if isinstance(event, FinishedEvent):
+                    self._cleanup()
+                    self.state = JobState.CANCELLED
+                    self.error = "Segmentation cancelled."
+                    self._emit_log(self.error)
+                    break
+                continue
             if isinstance(event, ProgressEvent):
                 # Keep the last 5 % for importing into the scene.
                 self._emit_progress(0.95 * event.fraction, event.stage)
@@ -218,7 +227,7 @@ class SegmentationJob:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
             if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
+                self.cancel(wait=True)
                 raise SegmentationError(f"segmentation did not finish within {timeout} s")
             self.poll(0.2)
         if self.state is not JobState.DONE:
@@ -278,7 +287,7 @@ class SegmentationJob:
     # --- helpers -------------------------------------------------------------------------
     def _fail(self, message: str) -> None:
         if self._runner is not None and self._runner.running:
-            self._runner.cancel()
+            self._runner.cancel(wait=True)
         self._cleanup()
         self.state = JobState.FAILED
         self.error = message

@@ -2,8 +2,9 @@
 
 Each segment keeps the FreeSurfer label value (``segment.GetLabelValue()``), is named with
 the FreeSurfer name, coloured with the FreeSurfer colour, and carries a terminology entry:
-the SNOMED CT code of the DICOM master list with laterality where there is one, else an
-entry of the module's own terminology file (``Resources/SynthSegMONAI.term.json``).
+the SNOMED CT code of the DICOM master list, with a laterality modifier where the master list
+defines one for that structure, else an entry of the module's own terminology file
+(``Resources/SynthSegMONAI.term.json``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ CUSTOM_CONTEXT = "Segmentation category and type - SynthSegMONAI"
 CUSTOM_SCHEME = "99SYNTHSEG"
 ANATOMICAL_STRUCTURE = "SCT^123037004^Anatomical Structure"
 LATERALITY_CODES = {"Left": "SCT^7771000^Left", "Right": "SCT^24028007^Right"}
+# Types that the DICOM master list defines without any modifier: their left and right
+# segments get no laterality (Slicer would not find the entry otherwise). Checked against
+# the master list by the tests.
+TYPES_WITHOUT_MODIFIERS = {
+    "33060004",  # Cerebellar white matter
+    "49841001",  # Third ventricle
+    "35918002",  # Fourth ventricle
+    "119238007",  # Brain stem
+}
 
 # Structures of the label table without a code in the DICOM master list: private codes,
 # declared in Resources/SynthSegMONAI.term.json (same values there).
@@ -38,7 +48,7 @@ def terminology_entry(label: int) -> str:
         return ""
     if label == 0:
         return ""
-    modifier = LATERALITY_CODES.get(s.laterality, "^^")
+    modifier = "^^" if s.snomed_code in TYPES_WITHOUT_MODIFIERS else LATERALITY_CODES.get(s.laterality, "^^")
     if s.snomed_code:
         context, type_code = DICOM_CONTEXT, f"SCT^{s.snomed_code}^{s.snomed_meaning}"
     else:

@@ -3,11 +3,13 @@
 The network passes the (normalised) intensity straight through to the head, which turns it
 into labels by nearest intensity level: the segmentation of a phantom made of regions of
 known intensity is known in advance, so geometry and names can be checked exactly, without
-real weights.
+real weights. Label blocks and a volumes file in the engine's format test the scene side
+without PyTorch.
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,33 @@ def voxel_centres_ras(shape: tuple[int, int, int], ijk_to_ras: np.ndarray) -> np
     """RAS position of each voxel centre, array [i, j, k, 3]."""
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     return ijk @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
+
+
+# labels placed by label_blocks: a left/right pair with laterality, one without (cerebellar
+# white matter), a structure of the module's own terminology (cerebellar cortex) and CSF
+BLOCK_LABELS = (17, 53, 7, 46, 8, 24)
+
+
+def label_blocks(shape: tuple[int, int, int]) -> np.ndarray:
+    """Label array [i, j, k] of ``shape`` with one block per label of :data:`BLOCK_LABELS`."""
+    out = np.zeros(shape, np.int16)
+    n = len(BLOCK_LABELS)
+    edges = np.linspace(0, shape[0], n + 1).astype(int)
+    j0, j1 = shape[1] // 4, max(shape[1] // 4 + 1, 3 * shape[1] // 4)
+    k0, k1 = shape[2] // 4, max(shape[2] // 4 + 1, 3 * shape[2] // 4)
+    for label, a, b in zip(BLOCK_LABELS, edges[:-1], edges[1:], strict=True):
+        out[a:max(b, a + 1), j0:j1, k0:k1] = label
+    return out
+
+
+def write_volumes_csv(path: str | Path, volumes_mm3: dict[int, float], tiv_mm3: float | None = None) -> Path:
+    """A volumes file as the engine writes it (one image), for ``read_volumes_csv``."""
+    from SynthSegMONAILib import labels as label_table
+
+    labels = sorted(volumes_mm3)
+    header = ["subject"] + (["total intracranial"] if tiv_mm3 is not None else []) + label_table.csv_names(labels)
+    row = ["input"] + ([f"{tiv_mm3:.6f}"] if tiv_mm3 is not None else []) + [f"{volumes_mm3[lab]:.6f}"
+                                                                             for lab in labels]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, row])
+    return Path(path)

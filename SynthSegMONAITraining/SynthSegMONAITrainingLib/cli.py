@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     info = None
     try:
         info = ddp.setup(cfg.training.device, cfg.distributed.backend, cfg.distributed.timeout_s)
-        train(cfg, args.output_dir, resume=args.resume, info=info, progress=not args.no_progress)
+        summary = train(cfg, args.output_dir, resume=args.resume, info=info, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)
         return 130
@@ -119,4 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             ddp.abort(info, f"{type(e).__name__}: {e}")
         raise
     ddp.cleanup(info)
+    if info.is_main:
+        out = Path(args.output_dir)
+        print(f"training done: {summary['steps']} steps; models saved in: {out / 'best.safetensors'} (best "
+              f"validation) and {out / 'last.safetensors'} (last step); metrics in {out / 'metrics.csv'}",
+              flush=True)
     return 0

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from SynthSegMONAILib.output_files import atomic_output
 
 from .label_maps import (
     GenerationTable,
@@ -58,15 +59,8 @@ def make_label_cache(source: str, output: str | os.PathLike, table: GenerationTa
                                                                      margin))
         arrays[f"voxel_size_{i:04d}"] = np.asarray(zooms, dtype=np.float64)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp.npz", dir=output.parent)
-    os.close(fd)
-    try:
+    with atomic_output(output, suffix=".tmp.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return output
 
 

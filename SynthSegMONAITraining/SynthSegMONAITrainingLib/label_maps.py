@@ -23,6 +23,8 @@ from SynthSegMONAILib.labels import resource_path, synthseg_labels
 
 GENERATION_TABLE_NAME = "synthseg_generation_labels.csv"
 LABEL_MAP_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+WHERE_TO_GET_MAPS = ("SynthSeg's 20 training label maps are in its repository: "
+                     "https://github.com/BBillot/SynthSeg, folder data/training_label_maps (Apache-2.0)")
 
 
 class LabelMapError(ValueError):
@@ -92,12 +94,12 @@ class LabelMap:
 def find_label_maps(source: str) -> list[Path]:
     """Label-map files in a folder (sorted by name), or those matching a glob pattern."""
     if not source:
-        raise LabelMapError("no label maps given (set data.label_maps or --label-maps)")
+        raise LabelMapError("no label maps given (set data.label_maps or --label-maps). " + WHERE_TO_GET_MAPS)
     p = Path(source)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.name.endswith(LABEL_MAP_SUFFIXES))
         if not files:
-            raise LabelMapError(f"no label maps (*.nii, *.nii.gz, *.mgz) in {p}")
+            raise LabelMapError(f"no label maps (*.nii, *.nii.gz, *.mgz) in {p}. " + WHERE_TO_GET_MAPS)
         return files
     if any(c in source for c in "*?["):
         files = sorted(Path(f) for f in glob.glob(source) if f.endswith(LABEL_MAP_SUFFIXES))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
+
+from SynthSegMONAILib.output_files import atomic_output
 
 PART_BYTES = 16 * 2**20
 
@@ -34,15 +35,8 @@ def write_parts(source: str | os.PathLike, folder: str | os.PathLike, name: str,
     for i, start in enumerate(range(0, max(len(data), 1), part_bytes)):
         chunk = data[start:start + part_bytes]
         target = folder / f"{name}.part{i}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(chunk)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(chunk)
         written.append({"file": target.name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
     for stale in part_paths(folder, name)[len(written):]:
         stale.unlink()
@@ -55,13 +49,7 @@ def join_parts(folder: str | os.PathLike, name: str, output: str | os.PathLike) 
     if not parts:
         raise FileNotFoundError(f"no {name}.part0 in {folder}")
     output = Path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for p in parts:
-                out.write(p.read_bytes())
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(output) as tmp, open(tmp, "wb") as out:
+        for p in parts:
+            out.write(p.read_bytes())
     return output

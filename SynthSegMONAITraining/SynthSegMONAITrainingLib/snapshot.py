@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from SynthSegMONAILib.output_files import atomic_output
 
 
 def _slices(volume: torch.Tensor) -> np.ndarray:
@@ -38,7 +38,7 @@ def write_snapshot(path: str | Path, examples: dict[str, tuple], history: list[d
     train = [h for h in history if "loss" in h]
     val = [h for h in history if "val_mean_dice" in h]
     ax = axes[-1, 0]
-    ax.plot([h["step"] for h in train], [h["loss"] for h in train])
+    ax.plot([h["step"] for h in train], [h["loss"] for h in train], marker="o" if len(train) < 50 else None)
     ax.set_title("training loss")
     ax.set_xlabel("step")
     ax = axes[-1, 1]
@@ -52,13 +52,9 @@ def write_snapshot(path: str | Path, examples: dict[str, tuple], history: list[d
     axes[-1, 2].axis("off")
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".snapshot.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=80)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

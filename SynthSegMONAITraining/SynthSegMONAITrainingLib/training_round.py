@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -36,6 +35,7 @@ import torch
 from SynthSegMONAILib.labels import synthseg_labels
 from SynthSegMONAILib.model_file import load_model
 from SynthSegMONAILib.model_registry import DEFAULT_MODEL_NAME, shipped_model_dir
+from SynthSegMONAILib.output_files import atomic_output
 
 from .config import Config, from_dict
 from .distributed import DistInfo, pick_device
@@ -95,10 +95,16 @@ def lr_at(fraction: float, lr: float, warmup_fraction: float, min_lr_ratio: floa
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+#: the latest round's model, kept for the next round until a default model ships
+LATEST_ROUND_MODEL = Path(__file__).resolve().parents[1] / "rounds" / "latest.safetensors"
+
+
 def default_init_model() -> Path | None:
-    """The shipped default model, when there is one."""
-    path = shipped_model_dir() / f"{DEFAULT_MODEL_NAME}.safetensors"
-    return path if path.is_file() else None
+    """Where a round starts: the shipped default model, else the latest round's model, else None."""
+    for path in (shipped_model_dir() / f"{DEFAULT_MODEL_NAME}.safetensors", LATEST_ROUND_MODEL):
+        if path.is_file():
+            return path
+    return None
 
 
 def _round_config(opts: RoundOptions, network: dict) -> Config:
@@ -207,30 +213,22 @@ class TrainingRound:
 
     def export(self, steps: int, samples: int, validation: dict | None) -> list[dict]:
         """Write the model (float16) as byte parts in the output folder."""
-        fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors", dir=self.out)
-        os.close(fd)
-        try:
-            export_model(tmp, self.model, self.cfg, self.labels, self._provenance(steps, samples, validation),
-                         dtype=torch.float16)
-            return write_parts(tmp, self.out, MODEL_NAME, PART_BYTES)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with tempfile.TemporaryDirectory(prefix=".model.", dir=self.out) as tmp:
+            model_file = export_model(Path(tmp) / MODEL_NAME, self.model, self.cfg, self.labels,
+                                      self._provenance(steps, samples, validation), dtype=torch.float16)
+            return write_parts(model_file, self.out, MODEL_NAME, PART_BYTES)
 
     def write_record(self, status: str, **fields) -> dict:
         self.record.update(status=status, seconds=round(self.elapsed(), 1), **fields)
-        tmp = self.out / f".{ROUND_JSON}.tmp"
-        tmp.write_text(json.dumps(self.record, indent=2))
-        os.replace(tmp, self.out / ROUND_JSON)
+        with atomic_output(self.out / ROUND_JSON) as tmp:
+            tmp.write_text(json.dumps(self.record, indent=2))
         return self.record
 
     def write_metrics(self) -> None:
-        tmp = self.out / f".{METRICS_CSV}.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_output(self.out / METRICS_CSV) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, METRIC_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(self.history)
-        os.replace(tmp, self.out / METRICS_CSV)
 
     def validate(self) -> dict:
         summary, example = validate_synthetic(self.model, self.synth, self.val_maps, self.opts.validation_samples,

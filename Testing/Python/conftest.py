@@ -37,3 +37,27 @@ def imported_models(keras_ref, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("models")
     return {v: import_keras(keras_ref / f"synthseg_{v}_random.h5", out / f"synthseg_{v}.safetensors")
             for v in ("2.0", "1.0")}
+
+
+def make_tiny_model(path: Path, min_pad: int = 32, background_bias: float = 0.0) -> Path:
+    """A random 2-level, 4-feature SynthSeg 2.0 model (quick to run; its output means nothing).
+
+    ``min_pad`` 32 instead of SynthSeg's 128 keeps command-line tests quick; a large
+    ``background_bias`` makes every voxel background.
+    """
+    import torch
+
+    from SynthSegMONAILib.labels import synthseg_labels
+    from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING, ModelInfo, save_model
+    from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
+
+    labels = synthseg_labels("2.0")
+    torch.manual_seed(0)
+    cfg = UNetConfig(out_channels=len(labels), levels=2, features=4)
+    net = SynthSegUNet(cfg)
+    if background_bias:
+        with torch.no_grad():
+            head = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+            head.bias[0] += background_bias
+    pre = dict(DEFAULT_PREPROCESSING, min_pad=min_pad)
+    return save_model(path, net, ModelInfo(network=cfg, labels=labels, name=path.stem, preprocessing=pre))

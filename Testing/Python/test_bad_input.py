@@ -65,7 +65,6 @@ def _bad_images(tmp: Path) -> dict[str, tuple[Path, str]]:
     cases["bad gzip"] = (tmp / "badgzip.nii.gz", "corrupt")
     (tmp / "whole.nii.gz").unlink()
     cases["2D"] = (_nifti(tmp / "slice.nii.gz", vol[:, :, 0]), "2D image")
-    cases["multi-channel"] = (_nifti(tmp / "rgb.nii.gz", np.stack([vol] * 3, -1)), "3 channels")
     cases["4D series"] = (_nifti(tmp / "fmri.nii.gz", np.stack([vol] * 12, -1)), "4D image with 12 volumes")
     cases["constant"] = (_nifti(tmp / "constant.nii.gz", np.full_like(vol, 7)), "constant")
     cases["all zero"] = (_nifti(tmp / "zero.nii.gz", np.zeros_like(vol)), "all zero")

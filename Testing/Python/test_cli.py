@@ -10,11 +10,11 @@ import nrrd
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from SynthSegMONAILib.cli import main
 from SynthSegMONAILib.labels import synthseg_labels
-from SynthSegMONAILib.model_file import ModelInfo, load_model, save_model
-from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
+from SynthSegMONAILib.model_file import load_model
 from SynthSegMONAILib.progress import PROGRESS_PREFIX, RESULT_PREFIX, parse_line
 
 LABELS = synthseg_labels("2.0")
@@ -22,14 +22,7 @@ LABELS = synthseg_labels("2.0")
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = UNetConfig(out_channels=len(LABELS), levels=2, features=4)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING
-
-    # SynthSeg pads to at least 128^3; 32^3 keeps these command-line tests quick
-    pre = dict(DEFAULT_PREPROCESSING, min_pad=32)
-    return save_model(path, SynthSegUNet(cfg), ModelInfo(network=cfg, labels=LABELS, name="tiny", preprocessing=pre))
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 def _head(shape=(24, 26, 22)) -> np.ndarray:

@@ -68,17 +68,15 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     assert not fx.process_gone(child_pid)
     t0 = time.monotonic()
     runner.cancel()
-    assert time.monotonic() - t0 < 10
-    assert fx.process_gone(runner.pid)
-    deadline = time.monotonic() + 5
-    while not fx.process_gone(child_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fx.process_gone(child_pid)
+    assert time.monotonic() - t0 < 0.5  # returns at once; the tree is stopped in the background
     finished = []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while not finished and time.monotonic() < deadline:
         finished = [e for e in runner.poll(0.2) if isinstance(e, FinishedEvent)]
     assert finished and finished[0].cancelled
+    # the final event comes only once the whole tree is gone
+    assert fx.process_gone(runner.pid) and fx.process_gone(child_pid)
+    assert not runner.running and not runner.cancelling
 
 
 def test_runner_reports_exit_status_and_stderr_error():
@@ -330,7 +328,7 @@ def test_requirements_file_matches_the_engine_dependencies():
 
 
 def test_missing_pytorch_extension_gives_a_clear_message(monkeypatch):
-    monkeypatch.setattr(dependencies, "is_importable", lambda r: False)
+    monkeypatch.setattr(dependencies, "is_satisfied", lambda r: False)
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
     with pytest.raises(dependencies.DependencyError, match="Extensions Manager"):
         dependencies.ensure_torch(lambda text: True)

@@ -6,10 +6,7 @@ those get test doubles here; the scene, nodes and logic are real.
 
 from __future__ import annotations
 
-import importlib
-import sys
 import types
-import unittest
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -20,128 +17,8 @@ from slicer_fixtures import add_volume, centred_affine, scene_node_ids
 
 from SynthSegMONAISlicerLib.testing import phantom
 
-scene, tiny_model, model_home = fx.scene, fx.tiny_model, fx.model_home
-
-
-class FakeWidget:
-    """Stands in for any Qt widget: remembers properties, records calls and connections."""
-
-    def __init__(self, name: str = ""):
-        self.__dict__.update(name=name, enabled=True, text="", toolTip="", checked=False, value=0,
-                             connections={}, items=[], index=0, current=None)
-
-    def connect(self, signal, slot):
-        self.connections.setdefault(signal, []).append(slot)
-
-    def addItem(self, text, data=None):
-        self.items.append((text, data))
-
-    def insertSeparator(self, index):
-        self.items.append(("", None))
-
-    def clear(self):
-        self.items.clear()
-
-    @property
-    def count(self):
-        return len(self.items)
-
-    def findData(self, data):
-        return next((i for i, (_, d) in enumerate(self.items) if d == data), -1)
-
-    def findText(self, text):
-        return next((i for i, (t, _) in enumerate(self.items) if t == text), -1)
-
-    def setCurrentIndex(self, i):
-        self.index = i
-
-    @property
-    def currentData(self):
-        return self.items[self.index][1] if self.items else None
-
-    def itemData(self, i):
-        return self.items[i][1]
-
-    def blockSignals(self, b):
-        return False
-
-    def setCurrentNode(self, node):
-        self.current = node
-
-    def currentNode(self):
-        return self.current
-
-    @property
-    def currentNodeID(self):
-        return self.current.GetID() if self.current else None
-
-    def __getattr__(self, name):  # any other Qt method: accept and ignore
-        return lambda *a, **k: None
-
-
-def install_doubles(monkeypatch):
-    qt = types.ModuleType("qt")
-
-    class QTimer(FakeWidget):
-        def start(self):
-            self.active = True
-
-        def stop(self):
-            self.active = False
-
-    qt.QTimer = QTimer
-    qt.QFileDialog = types.SimpleNamespace(getOpenFileName=lambda *a: "", getSaveFileName=lambda *a: "")
-    monkeypatch.setitem(sys.modules, "qt", qt)
-
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent or types.SimpleNamespace(isEntered=True)
-            self.layout = FakeWidget("layout")
-
-        def setup(self):
-            pass
-
-        def resourcePath(self, rel):
-            return str(fx.MODULE_DIR / "Resources" / rel)
-
-    class ScriptedLoadableModuleLogic:
-        def getParameterNode(self):
-            node = slicer.mrmlScene.GetSingletonNode("SynthSegMONAI", "vtkMRMLScriptedModuleNode")
-            if node is None:
-                node = slicer.vtkMRMLScriptedModuleNode()
-                node.SetSingletonTag("SynthSegMONAI")
-                node = slicer.mrmlScene.AddNode(node)
-            return node
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=None):
-            pass
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
-        setattr(slm, cls.__name__, cls)
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    monkeypatch.setattr(slicer, "ScriptedLoadableModule", slm, raising=False)
-
-    app = types.SimpleNamespace(connections=[], processEvents=lambda: None,
-                                layoutManager=lambda: None)
-    app.connect = lambda signal, slot: app.connections.append((signal, slot))
-    monkeypatch.setattr(slicer, "app", app, raising=False)
-    sys.modules.pop("SynthSegMONAI", None)
-    return importlib.import_module("SynthSegMONAI")
-
-
-@pytest.fixture
-def module(monkeypatch, scene):
-    mod = install_doubles(monkeypatch)
-    yield mod
-    sys.modules.pop("SynthSegMONAI", None)
+scene, tiny_model, model_home, module = fx.scene, fx.tiny_model, fx.model_home, fx.module
+FakeWidget = fx.FakeWidget
 
 
 def test_module_metadata(module):
@@ -151,7 +28,24 @@ def test_module_metadata(module):
     assert parent.contributors
     assert "SynthSeg: Segmentation of brain MRI scans of any contrast and resolution" in parent.helpText
     assert "Segment" in parent.helpText and parent.acknowledgementText
+    assert f'<a href="{module.DOCUMENTATION_URL}">' in parent.helpText
+    assert module.DOCUMENTATION_URL.endswith("#using-synthseg-monai-in-3d-slicer")
     assert any(sig == "startupCompleted()" for sig, _ in slicer.app.connections)
+
+
+def test_documentation_links_point_at_readme_sections():
+    """The help panels link to the README sections (GitHub anchors of their headings)."""
+    import re
+
+    from slicer_fixtures import REPO
+
+    readme = (REPO / "README.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", readme, re.M)}
+    for path in (fx.MODULE_DIR / "SynthSegMONAI.py", REPO / "SynthSegMONAITraining" / "SynthSegMONAITraining.py"):
+        url = re.search(r'DOCUMENTATION_URL = "([^"]+)"', path.read_text()).group(1)
+        assert url.startswith("https://github.com/SynthSegMONAI/SlicerSynthSegMONAI#")
+        assert url.split("#", 1)[1] in anchors, url
+        assert "{url}" in path.read_text() and '<a href=\\"{url}\\">' in path.read_text()
 
 
 def test_scripting_api_segment(module, scene, tiny_model, tmp_path):

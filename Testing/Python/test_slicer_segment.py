@@ -205,7 +205,7 @@ def test_cancel_kills_the_engine_and_leaves_no_trace(scene, tiny_model, tmp_path
         job.poll(0.1)
     assert job.state is JobState.SEGMENTING, job.error
     pid = job.pid
-    job.cancel()
+    job.cancel(wait=True)
     assert job.state is JobState.CANCELLED
     assert fx.process_gone(pid)
     assert scene_node_ids(scene) == before
