@@ -16,21 +16,11 @@ from pathlib import Path
 
 STARTED = time.perf_counter()
 HERE = Path(__file__).resolve().parent
-# The libraries sit beside this file and in ../SynthSegMONAI in the source tree, one folder up
-# once installed in Slicer.
-for _folder in (HERE.parent / "SynthSegMONAI", HERE.parent, HERE):
-    if (_folder / "SynthSegMONAITrainingLib").is_dir() or (_folder / "SynthSegMONAILib").is_dir():
-        sys.path.insert(0, str(_folder))
+# the libraries: beside this file and in ../SynthSegMONAI in the source tree, one folder up in Slicer
+sys.path[:0] = [str(p) for p in (HERE.parent / "SynthSegMONAI", HERE.parent, HERE)
+                if (p / "SynthSegMONAITrainingLib").is_dir() or (p / "SynthSegMONAILib").is_dir()]
 
-if __name__ == "__main__" and hasattr(sys.modules.get("slicer"), "app"):
-    import SynthSegMONAITraining  # in Slicer: install missing packages first (asks the user)
-
-    _problem = SynthSegMONAITraining.ensureRequirements()
-    if _problem:
-        print(f"error: {_problem}", file=sys.stderr)
-        sys.exit(1)
-
-from SynthSegMONAITrainingLib.round_cli import main  # noqa: E402
+from SynthSegMONAITrainingLib.entry import run_script  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], started=STARTED))
+    sys.exit(run_script("SynthSegMONAITrainingLib.round_cli", sys.argv[1:], started=STARTED))

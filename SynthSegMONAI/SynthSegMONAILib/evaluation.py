@@ -42,7 +42,7 @@ from scipy import ndimage
 from .errors import InputImageError, OutputPathError
 from .labels import all_structures, synthseg_labels
 from .output_files import atomic_output
-from .volume_io import _load_nrrd, image_suffix, list_images
+from .volume_io import _load_nrrd, image_file_suffix, image_read_errors, image_suffix, list_images
 
 IGNORE = -1  #: value of voxels that are not scored
 ASEG_WM_MERGED = (77, 251, 252, 253, 254, 255)  #: aseg labels scored as the nearer cerebral WM
@@ -265,20 +265,12 @@ def evaluate(seg_img: nib.spatialimages.SpatialImage, ref_img: nib.spatialimages
 def load_label_image(path: str | os.PathLike) -> nib.spatialimages.SpatialImage:
     """A label volume as a nibabel image (NIfTI, MGZ; NRRD converted to RAS)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputImageError(f"{path}: file not found")
-    suffix = image_suffix(path)
-    if suffix is None:
-        raise InputImageError(f"{path}: not an image (expected .nii, .nii.gz, .mgz, .nrrd)")
-    try:
+    suffix = image_file_suffix(path)
+    with image_read_errors(path, suffix):
         if suffix in (".nrrd", ".nhdr"):
             data, affine = _load_nrrd(path)
             return nib.Nifti1Image(np.asarray(data), affine)
         return nib.load(str(path))
-    except InputImageError:
-        raise
-    except Exception as e:  # nibabel and pynrrd raise many types for unreadable files
-        raise InputImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def evaluate_files(seg_path: str | os.PathLike, ref_path: str | os.PathLike, ref_format: str = "aseg",

@@ -4,10 +4,8 @@ a geometry that would mislead the pipeline."""
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,17 +51,11 @@ def squeeze_extra_axes(data: np.ndarray) -> np.ndarray:
 
 def read_image_header(path: str | os.PathLike) -> ImageHeader:
     """Read and check an image's header; no voxel is read (except a NRRD's data file sizes)."""
-    from .volume_io import IMAGE_SUFFIXES, _gzip_intact, _raw_nifti_zooms, image_suffix
+    from .volume_io import _raw_nifti_zooms, image_file_suffix, image_read_errors
 
     path = Path(path)
-    if not path.exists():
-        raise InputImageError(f"{path}: file not found")
-    if not path.is_file():
-        raise InputImageError(f"{path}: not a file")
-    suffix = image_suffix(path)
-    if suffix is None:
-        raise InputImageError(f"{path}: not an image (expected one of {', '.join(IMAGE_SUFFIXES)})")
-    try:
+    suffix = image_file_suffix(path)
+    with image_read_errors(path, suffix):
         if suffix in (".nrrd", ".nhdr"):
             nrrd = read_nrrd_header(path)
             affine = nrrd.affine
@@ -76,14 +68,6 @@ def read_image_header(path: str | os.PathLike) -> ImageHeader:
                 zooms = _raw_nifti_zooms(path, zooms)
             header = ImageHeader(path, suffix, tuple(int(n) for n in img.shape),
                                  np.dtype(img.get_data_dtype()), np.asarray(img.affine, dtype=np.float64), zooms)
-    except InputImageError:
-        raise
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise InputImageError(f"{path}: corrupt or truncated compressed file ({e})") from e
-    except Exception as e:  # nibabel and pynrrd raise many types for unreadable files
-        if suffix in (".nii.gz", ".mgz") and not _gzip_intact(path):
-            raise InputImageError(f"{path}: corrupt or truncated compressed (gzip) file") from e
-        raise InputImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     return check_header(header)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,33 @@ def _load_nrrd(path: Path, header=None) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(read_nrrd_data(header), dtype=np.float64), header.affine
 
 
+@contextmanager
+def image_read_errors(path: Path, suffix: str) -> Iterator[None]:
+    """Turn what nibabel, pynrrd and gzip raise for an unreadable file into one clear error."""
+    try:
+        yield
+    except InputImageError:
+        raise
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise InputImageError(f"{path}: corrupt or truncated compressed file ({e})") from e
+    except Exception as e:  # nibabel and pynrrd raise many types for unreadable files
+        if suffix in (".nii.gz", ".mgz") and not _gzip_intact(path):
+            raise InputImageError(f"{path}: corrupt or truncated compressed (gzip) file") from e
+        raise InputImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def image_file_suffix(path: Path) -> str:
+    """The image extension of an existing file; a clear error for a missing file or another kind."""
+    if not path.exists():
+        raise InputImageError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputImageError(f"{path}: not a file")
+    suffix = image_suffix(path)
+    if suffix is None:
+        raise InputImageError(f"{path}: not an image (expected one of {', '.join(IMAGE_SUFFIXES)})")
+    return suffix
+
+
 def load_image(path: str | os.PathLike, channel: int | None = None, declared=None) -> Image:
     """Load and check an image the way SynthSeg does (float64, squeezed, first of <=10 channels).
 
@@ -62,7 +91,7 @@ def load_image(path: str | os.PathLike, channel: int | None = None, declared=Non
     path = Path(path)
     declared = declared if declared is not None else read_image_header(path)
     suffix, affine, zooms = declared.suffix, declared.affine, declared.zooms
-    try:
+    with image_read_errors(path, suffix):
         if suffix in (".nrrd", ".nhdr"):
             data, _ = _load_nrrd(path, declared.nrrd)
             header = None
@@ -70,14 +99,6 @@ def load_image(path: str | os.PathLike, channel: int | None = None, declared=Non
             img = nib.load(str(path))
             data = img.get_fdata(dtype=np.float64)
             header = img.header
-    except InputImageError:
-        raise
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise InputImageError(f"{path}: corrupt or truncated compressed file ({e})") from e
-    except Exception as e:  # nibabel and pynrrd raise many types for unreadable files
-        if suffix in (".nii.gz", ".mgz") and not _gzip_intact(path):
-            raise InputImageError(f"{path}: corrupt or truncated compressed (gzip) file") from e
-        raise InputImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     return check_image(pick_channel(Image(squeeze_extra_axes(data), affine, header, zooms, path), channel))
 
 
