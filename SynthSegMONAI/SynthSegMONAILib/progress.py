@@ -7,30 +7,13 @@ from its standard output.
 
 from __future__ import annotations
 
-import json
 import sys
 
 from tqdm import tqdm
 
-PROGRESS_PREFIX = "SYNTHSEG_PROGRESS"
-RESULT_PREFIX = "SYNTHSEG_RESULT"
-ERROR_PREFIX = "SYNTHSEG_ERROR"
+from .protocol import ERROR_PREFIX, PROGRESS_PREFIX, RESULT_PREFIX, format_line, parse_line
 
-
-def format_line(prefix: str, payload: dict) -> str:
-    """One machine-readable line."""
-    return f"{prefix} {json.dumps(payload, sort_keys=True)}"
-
-
-def parse_line(line: str) -> tuple[str, dict] | None:
-    """(prefix, payload) of a machine-readable line, or None for any other line."""
-    for prefix in (PROGRESS_PREFIX, RESULT_PREFIX, ERROR_PREFIX):
-        if line.startswith(prefix + " "):
-            try:
-                return prefix, json.loads(line[len(prefix) + 1:])
-            except json.JSONDecodeError:
-                return None
-    return None
+__all__ = ["ERROR_PREFIX", "PROGRESS_PREFIX", "RESULT_PREFIX", "Progress", "format_line", "parse_line"]
 
 
 class Progress:

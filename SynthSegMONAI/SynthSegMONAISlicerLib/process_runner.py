@@ -10,7 +10,6 @@ period, and the final :class:`FinishedEvent` arrives through ``poll`` once it is
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -21,8 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-PROGRESS_PREFIX = "SYNTHSEG_PROGRESS "
-ERROR_PREFIX = "SYNTHSEG_ERROR "
+from SynthSegMONAILib import protocol
 
 
 @dataclass(frozen=True)
@@ -65,16 +63,12 @@ Event = ProgressEvent | ErrorEvent | LogEvent | FinishedEvent
 def parse_line(line: str, stream: str = "stdout") -> Event:
     """Turn one output line of the engine into an event (never raises)."""
     text = line.rstrip("\r\n")
-    for prefix, kind in ((PROGRESS_PREFIX, "progress"), (ERROR_PREFIX, "error")):
-        if text.startswith(prefix):
-            try:
-                data = json.loads(text[len(prefix):])
-            except ValueError:
-                return LogEvent(text, stream)
-            if not isinstance(data, dict):
-                return LogEvent(text, stream)
-            if kind == "error":
-                return ErrorEvent(str(data.get("message", "")), str(data.get("input", "")))
+    parsed = protocol.parse_line(text) if stream == "stdout" else None
+    if parsed is not None:
+        kind, data = parsed
+        if kind == protocol.ERROR_PREFIX:
+            return ErrorEvent(str(data.get("message", "")), str(data.get("input", "")))
+        if kind == protocol.PROGRESS_PREFIX:
             try:
                 fraction = min(1.0, max(0.0, float(data.get("fraction", 0.0))))
                 return ProgressEvent(str(data.get("stage", "")), fraction,
