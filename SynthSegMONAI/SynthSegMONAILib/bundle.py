@@ -162,7 +162,7 @@ def inference_config() -> dict:
 def train_config() -> dict:
     """``configs/train.json``: the training command line (SynthSeg 2.0 labels, this bundle's output)."""
     return {
-        "imports": ["$from SynthSegMONAITrainingLib.cli import main as train_main"],
+        "imports": ["$from SynthSegMONAITrainingLib.entry import run_or_raise"],
         "bundle_root": ".",
         "label_maps": "",
         "output_dir": "$@bundle_root + '/training'",
@@ -173,7 +173,7 @@ def train_config() -> dict:
         "train_args": "$['--label-maps', @label_maps, '--output-dir', @output_dir, '--steps', str(@steps), "
                       "'--crop-size', str(@crop_size), '--device', @device, '--synthseg-version', '2.0'] "
                       "+ list(@extra_args)",
-        "training": ["$train_main(@train_args)"],
+        "training": ["$run_or_raise('SynthSegMONAITrainingLib.cli', @train_args)"],
     }
 
 

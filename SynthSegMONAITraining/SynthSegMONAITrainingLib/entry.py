@@ -20,3 +20,14 @@ def run_script(cli_module: str, argv: list[str], **kwargs) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 1
     return int(importlib.import_module(cli_module).main(argv, **kwargs) or 0)
+
+
+class ScriptFailed(RuntimeError):
+    """A command line run from a MONAI bundle exited with an error."""
+
+
+def run_or_raise(cli_module: str, argv: list[str]) -> None:
+    """:func:`run_script` for MONAI's bundle runner, which ignores return values: raise on failure."""
+    code = run_script(cli_module, [str(a) for a in argv])
+    if code != 0:
+        raise ScriptFailed(f"{cli_module} exited with status {code}; see the messages above")

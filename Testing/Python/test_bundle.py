@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import make_tiny_model
+from training_fixtures import needs_maps, subset_maps
 
 from SynthSegMONAILib.cli import main
 from SynthSegMONAILib.model_file import load_model, read_model_info, save_model
@@ -72,3 +73,27 @@ def test_bundle_layout_metadata_and_model_card(tmp_path):
     assert not list(bundle.glob("*.pkl")) and not list(bundle.rglob("*.pt"))
     # an existing, non-empty folder is never overwritten
     assert main(["export-bundle", "--model", str(model_path), "--output-dir", str(bundle)]) == 1
+
+
+@pytest.mark.slow
+@needs_maps
+def test_bundle_training_runs_with_monai_and_fails_loudly(tmp_path):
+    maps = subset_maps(tmp_path, ["training_seg_01.nii.gz", "training_seg_02.nii.gz"])
+    bundle = tmp_path / "bundle"
+    assert main(["export-bundle", "--model", str(make_tiny_model(tmp_path / "m.safetensors")),
+                 "--output-dir", str(bundle)]) == 0
+    tiny = ("['--set','data.downsample=4','--set','data.validation_maps=1','--set','network.levels=3',"
+            "'--set','network.features=8','--set','training.l2_warmup_steps=0','--set','validation.samples=1',"
+            "'--no-progress']")
+    base = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+            str(bundle / "configs" / "train.json"), "--meta_file", str(bundle / "configs" / "metadata.json"),
+            "--bundle_root", str(bundle), "--steps", "2", "--crop_size", "32", "--device", "cpu",
+            "--extra_args", tiny]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    r = subprocess.run([*base, "--label_maps", str(maps)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, info = load_model(bundle / "training" / "last.safetensors")
+    assert info.provenance["steps"] == 2
+    r = subprocess.run([*base, "--label_maps", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "t2")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and "label-map folder not found" in r.stderr
