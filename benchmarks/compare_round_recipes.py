@@ -1,9 +1,9 @@
 """Choose the training-round recipe by measurement: a small-scale CPU proxy of a GPU round.
 
 Each candidate recipe (learning rate and schedule, loss, crop size) trains the same small U-Net
-for the same number of minutes on 2 mm label maps, then is scored on fixed synthetic
+for the same number of minutes on 3 mm label maps, then is scored on fixed synthetic
 validation images (held-out maps) and on real T1 scans with FreeSurfer labels (subsampled to
-2 mm to match). Prints a Markdown table.
+3 mm to match). Prints a Markdown table.
 
     python benchmarks/compare_round_recipes.py --label-maps label_maps.npz \\
         --real ../shared/data/eval/labelled [--minutes 3]
@@ -33,15 +33,16 @@ from SynthSegMONAITrainingLib.validation import RealCase, load_real_cases, valid
 
 #: name -> options changed from the round's defaults
 CANDIDATES = {
-    "Dice, lr 1e-3, warm-up + cosine, crop 48": {"loss": "dice"},
-    "Dice + CE, lr 1e-3, warm-up + cosine, crop 48": {"loss": "dice_ce"},
+    "Dice, lr 1e-3, warm-up + cosine": {"loss": "dice"},
+    "Dice + CE, lr 1e-3, warm-up + cosine": {"loss": "dice_ce"},
     "Dice + CE, lr 3e-3": {"loss": "dice_ce", "lr": 3e-3},
     "Dice + CE, lr 3e-4": {"loss": "dice_ce", "lr": 3e-4},
     "Dice + CE, constant lr 1e-3": {"loss": "dice_ce", "warmup_fraction": 0.0, "min_lr_ratio": 1.0},
-    "Dice + CE, crop 32": {"loss": "dice_ce", "crop_size": 32},
+    "Dice + CE, crop 48": {"loss": "dice_ce", "crop_size": 48},
 }
-PROXY_NETWORK = {"levels": 4, "features": 8}
-PROXY_CROP = 48
+PROXY_NETWORK = {"levels": 3, "features": 12}
+PROXY_CROP = 32
+PROXY_DOWNSAMPLE = 3  #: 3 mm maps and scans
 
 
 def subsample(case: RealCase, factor: int, multiple: int) -> RealCase:
@@ -60,16 +61,17 @@ def main() -> int:
     p.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
     args = p.parse_args()
     labels = synthseg_labels("2.0")
-    real = [subsample(c, 2, 8) for c in load_real_cases(args.real, "T1.mgz", "aseg.mgz", labels)]
+    real = [subsample(c, PROXY_DOWNSAMPLE, 2 ** (PROXY_NETWORK["levels"] - 1))
+            for c in load_real_cases(args.real, "T1.mgz", "aseg.mgz", labels)]
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"{args.minutes} min per candidate; network {PROXY_NETWORK}, 2 mm maps, crop {PROXY_CROP}", flush=True)
+          f"{args.minutes} min per candidate; network {PROXY_NETWORK}, {PROXY_DOWNSAMPLE} mm maps, crop {PROXY_CROP}", flush=True)
     rows = []
     for name, change in CANDIDATES.items():
         if args.only and name not in args.only:
             continue
         with tempfile.TemporaryDirectory() as out:
             opts = RoundOptions(output_dir=out, time_budget=args.minutes * 60, label_maps=args.label_maps,
-                                init="none", device="cpu", crop_size=PROXY_CROP, seed=7, downsample=2,
+                                init="none", device="cpu", crop_size=PROXY_CROP, seed=7, downsample=PROXY_DOWNSAMPLE,
                                 network=PROXY_NETWORK, validation_samples=8, log_every=10,
                                 checkpoint_every_s=1e9, progress=False)
             for k, v in change.items():
@@ -81,7 +83,7 @@ def main() -> int:
         rows.append((name, record["steps"], record["validation"]["mean_dice"], scores["mean_dice"]))
         print(json.dumps({"candidate": name, "steps": rows[-1][1], "synthetic": rows[-1][2],
                           "real": round(rows[-1][3], 4)}), flush=True)
-    print("\n| recipe | steps | synthetic validation mean Dice | real T1 mean Dice (2 mm) |")
+    print(f"\n| recipe | steps | synthetic validation mean Dice | real T1 mean Dice ({PROXY_DOWNSAMPLE} mm) |")
     print("|---|---|---|---|")
     for name, steps, syn, rl in rows:
         print(f"| {name} | {steps} | {syn:.3f} | {rl:.3f} |")
