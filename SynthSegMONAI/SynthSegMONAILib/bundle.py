@@ -26,7 +26,7 @@ from . import __version__
 from .errors import OutputPathError, SynthSegError
 from .labels import structure
 from .model_file import ModelInfo, read_model_info
-from .output_files import publish
+from .output_files import apply_umask
 
 BUNDLE_MODEL = "models/model.safetensors"
 LICENSE_NAME = "LICENSE"
@@ -277,9 +277,8 @@ def export_bundle(model: str | os.PathLike, output_dir: str | os.PathLike) -> Pa
         (tmp / "docs" / "README.md").write_text(model_card(info))
         shutil.copyfile(license_path(), tmp / LICENSE_NAME)
         for path in tmp.rglob("*"):
-            if path.is_file():
-                publish(path, path)
-        os.chmod(tmp, 0o777 & ~_umask())
+            apply_umask(path, 0o777 if path.is_dir() else 0o666)
+        apply_umask(tmp, 0o777)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -288,8 +287,3 @@ def export_bundle(model: str | os.PathLike, output_dir: str | os.PathLike) -> Pa
             shutil.rmtree(tmp)
     return out
 
-
-def _umask() -> int:
-    from .output_files import current_umask
-
-    return current_umask()

@@ -23,9 +23,14 @@ def current_umask() -> int:
     return mask
 
 
+def apply_umask(path: str | os.PathLike, base: int = 0o666) -> None:
+    """Give ``path`` the mode a new file (``base`` 0o666) or folder (0o777) gets under the umask."""
+    os.chmod(path, base & ~current_umask())
+
+
 def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Give ``tmp`` the umask's file mode and rename it to ``final``."""
-    os.chmod(tmp, 0o666 & ~current_umask())
+    apply_umask(tmp)
     os.replace(tmp, final)
 
 

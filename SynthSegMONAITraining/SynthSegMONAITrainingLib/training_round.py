@@ -114,7 +114,7 @@ def _round_config(opts: RoundOptions, network: dict) -> Config:
         "synthesis": {**opts.synthesis, "crop_size": [c, c, c]},
         "network": network,
         "optim": {"lr": opts.lr, "schedule": "cosine", "min_lr_ratio": opts.min_lr_ratio},
-        "training": {"synthseg_version": "2.0", "batch_size": max(opts.batch_size, 1), "seed": max(opts.seed, 0),
+        "training": {"synthseg_version": "2.0", "batch_size": 1,
                      "device": opts.device, "l2_warmup_steps": 0, "log_every": opts.log_every,
                      "name": DEFAULT_MODEL_NAME,
                      "description": "SynthSeg U-Net trained on synthetic images in time-bounded rounds "
@@ -308,6 +308,8 @@ class TrainingRound:
         per_sample = self._trial_step(self.model, image[None], target[None])
         checks["forward_backward_s"] = round(time.perf_counter() - t, 3)
         self.batch_size = o.batch_size or self._auto_batch(per_sample)
+        # the exported config says what ran
+        self.cfg.training.batch_size, self.cfg.training.seed = self.batch_size, self.seed
         self.net, compile_info = self._maybe_compile(image, target)
         with torch.no_grad():
             for k, v in self.model.named_buffers():
