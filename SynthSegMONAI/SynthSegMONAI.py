@@ -38,13 +38,10 @@ from SynthSegMONAISlicerLib.slicer_version import refuse_old_slicer
 refuse_old_slicer(slicer, "SynthSeg MONAI")
 
 from SynthSegMONAISlicerLib import dependencies, models, parameters  # noqa: E402
-from SynthSegMONAISlicerLib.segment_job import (  # noqa: E402
-    JobState,
-    SegmentationError,
-    SegmentationJob,
-    SegmentationResult,
-    SegmentOptions,
-)
+from SynthSegMONAISlicerLib.errors import SegmentationError  # noqa: E402
+from SynthSegMONAISlicerLib.job_state import JobState  # noqa: E402
+from SynthSegMONAISlicerLib.options import SegmentOptions  # noqa: E402
+from SynthSegMONAISlicerLib.segment_job import SegmentationJob, SegmentationResult  # noqa: E402
 from SynthSegMONAISlicerLib.statistics_table import export_csv  # noqa: E402
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -354,12 +351,7 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = str(e)
 
     def onOpenModelFolder(self) -> None:
-        try:
-            from SynthSegMONAILib import model_registry
-
-            folder = model_registry.user_model_dir()
-        except ImportError:
-            folder = os.path.join(os.path.expanduser("~"), ".synthseg-monai", "models")
+        folder = models.user_model_folder()
         os.makedirs(folder, exist_ok=True)
         qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
 
@@ -585,11 +577,9 @@ class SynthSegMONAITest(ScriptedLoadableModuleTest):
 
     def test_SynthSegMONAI_SceneSide(self) -> None:
         """A label map on MRHead's grid becomes a named, coded segmentation; volumes become a table."""
-        import tempfile
-
         from SynthSegMONAISlicerLib import testing
         from SynthSegMONAISlicerLib.segmentation_import import import_labelmap, terminology_entry
-        from SynthSegMONAISlicerLib.statistics_table import fill_table, read_volumes_csv, table_rows
+        from SynthSegMONAISlicerLib.statistics_table import fill_table, table_rows, volume_report
         from SynthSegMONAISlicerLib.volume_export import check_input_volume, ijk_to_world
 
         volume = self._loadMRHead()
@@ -611,9 +601,8 @@ class SynthSegMONAITest(ScriptedLoadableModuleTest):
         self.assertEqual(found[7].GetTerminology().split("~")[modifier], "^^")
 
         volumes = {label: 1000.0 * (i + 1) for i, label in enumerate(sorted(testing.BLOCK_LABELS))}
-        with tempfile.TemporaryDirectory() as folder:
-            path = testing.write_volumes_csv(os.path.join(folder, "volumes.csv"), volumes, sum(volumes.values()))
-            report = read_volumes_csv(path, [0, *sorted(volumes)])
+        report = volume_report(sorted(volumes), [volumes[label] for label in sorted(volumes)],
+                               sum(volumes.values()))
         table = fill_table(slicer.mrmlScene, report, f"{volume.GetName()} SynthSeg volumes")
         rows = table_rows(table)
         self.assertEqual([r["Label"] for r in rows], sorted(volumes))
@@ -634,8 +623,8 @@ class SynthSegMONAITest(ScriptedLoadableModuleTest):
             return
         import tempfile
 
-        from SynthSegMONAILib import labels as label_table
         from SynthSegMONAISlicerLib import testing
+        from SynthSegMONAISlicerLib.segmentation_import import segment_name
 
         volume = self._loadMRHead()
         logic = SynthSegMONAILogic()
@@ -649,7 +638,8 @@ class SynthSegMONAITest(ScriptedLoadableModuleTest):
         names = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegment(i).GetLabelValue()
                  for i in range(segmentation.GetNumberOfSegments())}
         for name, value in names.items():
-            self.assertEqual(name, label_table.structure(value).freesurfer_name)
+            self.assertEqual(name, segment_name(value))
+            self.assertFalse(name.startswith("Label "))  # a structure of the label table
         self.assertEqual(table.GetNumberOfRows(), len(testing.PHANTOM_LEVELS) - 1)
         self.assertTrue(seg.GetName().startswith(volume.GetName()))
         self.delayDisplay(_("Test passed"))

@@ -15,13 +15,12 @@ left hemisphere's cortex and white matter left out so that the deep structures s
 is written with a 256-colour palette to stay small. ``--thumbnail`` also writes the 260x280
 Sample Data thumbnail of the scan alone.
 
-Needs numpy, nibabel, scipy, vtk and Pillow (``pip install vtk pillow`` besides the engine).
+Needs the engine installed (``pip install -e .``), and vtk and Pillow (``pip install vtk pillow``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINE_DIR = REPO / "SynthSegMONAI"
 HIDDEN_IN_3D = (2, 3, 24)  # left cerebral white matter and cortex, CSF
 SLICE_COLOURS = {"axial": (242, 77, 77), "sagittal": (237, 213, 76), "coronal": (110, 176, 75)}
 BACKGROUND_3D = ((0.76, 0.76, 0.87), (1.0, 1.0, 1.0))  # Slicer's 3D view gradient, bottom and top
@@ -38,19 +36,15 @@ BACKGROUND_3D = ((0.76, 0.76, 0.87), (1.0, 1.0, 1.0))  # Slicer's 3D view gradie
 
 def label_colours() -> dict[int, tuple[int, int, int]]:
     """FreeSurfer colour of each label of the engine's label table."""
-    if str(ENGINE_DIR) not in sys.path:
-        sys.path.insert(0, str(ENGINE_DIR))
-    from SynthSegMONAILib import labels as label_table
+    from SynthSegMONAILib import all_structures
 
-    return {s.label: tuple(int(c) for c in s.color) for s in label_table.all_structures()}
+    return {s.label: tuple(int(c) for c in s.color) for s in all_structures()}
 
 
 def segment(image: Path, model: Path, output: Path) -> Path:
     """Segment ``image`` with the engine's command line (fast mode); returns the label map."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ENGINE_DIR), os.environ.get("PYTHONPATH"))
-                                                      if p))
     subprocess.run([sys.executable, "-m", "SynthSegMONAILib.cli", "--i", str(image), "--o", str(output),
-                    "--model", str(model), "--fast"], check=True, env=env)
+                    "--model", str(model), "--fast"], check=True)
     return output
 
 

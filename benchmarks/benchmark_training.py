@@ -12,19 +12,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from machine import cpu_name
+from monai.losses import DiceLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SynthSegMONAITraining"))
-
-from monai.losses import DiceLoss  # noqa: E402
-
-from SynthSegMONAITrainingLib.config import Config  # noqa: E402
-from SynthSegMONAITrainingLib.label_maps import find_label_maps, load_generation_table, load_label_map  # noqa: E402
-from SynthSegMONAITrainingLib.loop import build_model, build_optimizer  # noqa: E402
-from SynthSegMONAITrainingLib.synthesis import Synthesizer, sample_seed  # noqa: E402
+from SynthSegMONAITrainingLib.config import Config
+from SynthSegMONAITrainingLib.label_maps import find_label_maps, load_generation_table, load_label_map
+from SynthSegMONAITrainingLib.loop import build_model, build_optimizer
+from SynthSegMONAITrainingLib.synthesis import Synthesizer, sample_seed
 
 
 def _sync(device: torch.device) -> None:

@@ -21,15 +21,11 @@ from pathlib import Path
 import torch
 from machine import cpu_name
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "SynthSegMONAITraining"), str(REPO / "SynthSegMONAI")]
-
-from SynthSegMONAILib.labels import synthseg_labels  # noqa: E402
-from SynthSegMONAILib.model_file import load_model  # noqa: E402
-from SynthSegMONAITrainingLib.distributed import DistInfo  # noqa: E402
-from SynthSegMONAITrainingLib.model_parts import join_parts  # noqa: E402
-from SynthSegMONAITrainingLib.training_round import RoundOptions, run_round  # noqa: E402
-from SynthSegMONAITrainingLib.validation import RealCase, load_real_cases, validate_real  # noqa: E402
+from SynthSegMONAILib import load_model, synthseg_labels
+from SynthSegMONAITrainingLib.distributed import DistInfo
+from SynthSegMONAITrainingLib.model_parts import join_parts
+from SynthSegMONAITrainingLib.training_round import RoundOptions, run_round
+from SynthSegMONAITrainingLib.validation import RealCase, load_real_cases, validate_real
 
 #: name -> options changed from the round's defaults
 CANDIDATES = {

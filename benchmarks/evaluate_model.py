@@ -16,6 +16,7 @@ A default-mode run of one 256^3 scan takes about 100 s on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -34,7 +35,6 @@ from SynthSegMONAILib.evaluation import Evaluation, evaluate, structure_name
 from SynthSegMONAILib.labels import all_structures, csv_names
 from SynthSegMONAILib.model_file import read_model_info
 from SynthSegMONAILib.model_registry import resolve_model
-from SynthSegMONAILib.volumes import read_volumes_csv
 
 REPO = Path(__file__).resolve().parents[1]
 THICKNESS = 5
@@ -150,7 +150,8 @@ def lr_pairs(labels: list[int]) -> list[tuple[int, int]]:
 
 def plausibility(volumes_csv: Path, segmentation: Path, labels: list[int]) -> dict:
     """Total intracranial volume, left/right ratios (flagged when implausible), non-emptiness."""
-    header, rows = read_volumes_csv(volumes_csv)
+    with open(volumes_csv, newline="") as f:
+        header, *rows = list(csv.reader(f))
     values = dict(zip(header[1:], (float(v) for v in rows[0][1:])))
     by_label = dict(zip(labels[1:], (values[n] for n in csv_names(labels[1:]))))
     tiv = values.get("total intracranial", sum(by_label.values()))

@@ -27,6 +27,7 @@ from .errors import OutputPathError, SynthSegError
 from .labels import structure
 from .model_file import ModelInfo, read_model_info
 from .output_files import apply_umask
+from .resource_files import resource_path
 
 BUNDLE_MODEL = "models/model.safetensors"
 LICENSE_NAME = "LICENSE"
@@ -137,11 +138,7 @@ def _eval_metrics(prov: dict) -> dict:
 
 def license_path() -> Path:
     """The project's licence text: installed beside the package, or at the top of the source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "resources" / LICENSE_NAME, here.parents[1] / LICENSE_NAME):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{LICENSE_NAME} not found beside {here}")
+    return resource_path(LICENSE_NAME, Path(__file__).parent, source_relative=LICENSE_NAME)
 
 
 def inference_config() -> dict:

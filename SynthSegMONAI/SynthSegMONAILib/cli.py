@@ -1,11 +1,14 @@
-"""The ``synthseg-monai`` command line: SynthSeg's flags, plus model import and training.
+"""The ``synthseg-monai`` command line: SynthSeg's flags, plus model import and evaluation.
 
     synthseg-monai --i scan.nii.gz --o seg.nii.gz [--vol volumes.csv] ...   (segment)
     synthseg-monai import-keras synthseg_2.0.h5 -o synthseg_2.0.safetensors
     synthseg-monai models
     synthseg-monai export-bundle --model MODEL --output-dir BUNDLE
     synthseg-monai evaluate --seg SEG --ref REF [--ref-format aseg|labels] [--csv dice.csv]
-    synthseg-monai train --config config.yaml ...
+    synthseg-monai train --config config.yaml ...   (registered by the training package)
+
+Other installed packages add subcommands through the ``synthseg_monai.subcommands`` entry-point
+group (the training package registers ``train``), so the engine never imports them by name.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from . import __version__
 from .errors import SynthSegError
+from .protocol import ResultLine
 from .volume_io import image_suffix, list_images
 
-SUBCOMMANDS = ("segment", "import-keras", "models", "evaluate", "export-bundle", "train")
+SUBCOMMANDS = ("segment", "import-keras", "models", "evaluate", "export-bundle")
+SUBCOMMAND_GROUP = "synthseg_monai.subcommands"  #: entry points: name -> function(argv) -> exit code
 
 CITATION = (
     "If you use this tool in a publication, please cite:\n"
@@ -142,10 +148,7 @@ def run_segment(argv: list[str]) -> int:
             progress.error({"input": str(image), "message": message})
             continue
         rows.append(result.volume_row)
-        progress.result({"input": str(image), "segmentation": str(outputs.segmentation),
-                         "posteriors": str(outputs.posteriors) if outputs.posteriors else None,
-                         "seconds": round(time.perf_counter() - t0, 2),
-                         "timings": {k: round(v, 3) for k, v in result.timings.items()}})
+        progress.result(_result_line(image, result, time.perf_counter() - t0).payload())
         for line in _written_lines(result, outputs, time.perf_counter() - t0):
             progress.message(line, error=line.startswith("warning"))
     progress.close()
@@ -159,6 +162,19 @@ def run_segment(argv: list[str]) -> int:
     if rows:
         print("\n" + CITATION, flush=True)
     return 1 if failures else 0
+
+
+def _result_line(image: Path, result, seconds: float) -> ResultLine:
+    """What the ``SYNTHSEG_RESULT`` line says about one segmented image (a pipeline ``Result``)."""
+    from .volumes import row_volumes
+
+    volumes, total = row_volumes(result.labels, result.volume_row)
+    written = {kind: str(path) for kind, path in result.written.items()}
+    return ResultLine(input=str(image), segmentation=written["segmentation"],
+                      posteriors=written.get("posteriors"), resampled=written.get("resampled"),
+                      labels=[int(v) for v in result.labels[1:]], volumes_mm3=volumes,
+                      total_intracranial_mm3=total, empty=bool(result.empty), seconds=round(seconds, 2),
+                      timings={k: round(v, 3) for k, v in result.timings.items()})
 
 
 def _written_lines(result, outputs, seconds: float) -> list[str]:
@@ -281,14 +297,19 @@ def run_export_bundle(argv: list[str]) -> int:
     return 0
 
 
-def run_train(argv: list[str]) -> int:
-    """``train``: synthesis-based training (needs the training extras)."""
+def registered_subcommands() -> dict[str, EntryPoint]:
+    """Subcommands other installed packages register: name -> entry point (``train``, from training)."""
+    return {ep.name: ep for ep in entry_points(group=SUBCOMMAND_GROUP) if ep.name not in SUBCOMMANDS}
+
+
+def run_registered(entry_point: EntryPoint, argv: list[str]) -> int:
+    """Run a registered subcommand; it handles its own signals (``train`` runs under torchrun)."""
     try:
-        from SynthSegMONAITrainingLib.cli import main as train_main
-    except ImportError as e:
-        print(f"error: training is not available ({e}); install synthseg-monai[train]", file=sys.stderr)
+        handler = entry_point.load()
+    except (ImportError, AttributeError) as e:
+        print(f"error: the {entry_point.name} subcommand cannot be loaded ({e})", file=sys.stderr)
         return 1
-    return int(train_main(argv) or 0)
+    return int(handler(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,21 +318,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-V", "--version"):
         print(f"synthseg-monai {__version__}")
         return 0
+    registered = registered_subcommands()
+    names = (*SUBCOMMANDS, *sorted(registered))
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("subcommands: " + ", ".join(SUBCOMMANDS) + "; 'synthseg-monai SUBCOMMAND -h' for options\n")
+        print("subcommands: " + ", ".join(names) + "; 'synthseg-monai SUBCOMMAND -h' for options\n")
         print("Segmentation (the default subcommand):")
         print(segment_parser().format_help())
         return 0 if argv else 2
+    if argv[0] in registered:
+        return run_registered(registered[argv[0]], argv[1:])
     if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        print(f"error: unknown subcommand {argv[0]!r} (subcommands: {', '.join(SUBCOMMANDS)}; "
+        print(f"error: unknown subcommand {argv[0]!r} (subcommands: {', '.join(names)}; "
               "segmentation needs no subcommand: synthseg-monai --i IN --o OUT)", file=sys.stderr)
         return 2
     command = argv.pop(0) if argv[0] in SUBCOMMANDS else "segment"
     handlers = {"segment": run_segment, "import-keras": run_import_keras, "models": run_models,
-                "evaluate": run_evaluate, "export-bundle": run_export_bundle, "train": run_train}
-    if command == "train":  # torchrun signals its workers itself
-        return handlers[command](argv)
+                "evaluate": run_evaluate, "export-bundle": run_export_bundle}
     from .interruption import Interrupted, signals_as_exceptions
 
     with signals_as_exceptions():

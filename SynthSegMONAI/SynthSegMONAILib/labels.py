@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .resource_files import resource_path
+
 LABEL_TABLE_NAME = "synthseg_labels.csv"
 
 
@@ -30,16 +32,6 @@ class Structure:
     lr_pair: int | None
     topological_class: int
     in_v1: bool
-
-
-def resource_path(name: str, package_dir: Path) -> Path:
-    """A shared resource file: ``<package>/resources/`` (installed copy), else the extension's
-    top-level ``Resources/`` folder (source tree)."""
-    package_dir = Path(package_dir).resolve()
-    for candidate in (package_dir / "resources" / name, package_dir.parents[1] / "Resources" / name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{name} not found next to {package_dir}")
 
 
 def label_table_path() -> Path:

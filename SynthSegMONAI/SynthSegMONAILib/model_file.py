@@ -170,12 +170,19 @@ def weight_problem(name: str, tensor: torch.Tensor) -> str | None:
     return None
 
 
-def _verified_tensors(path: Path, keep: bool) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
-    """Check a model file: metadata, tensor layout (before reading any tensor), memory, then every
-    tensor's values and the checksum. Returns the tensors too when ``keep``."""
+def _checked_header(path: Path) -> tuple[ModelInfo, dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The header's info, metadata and declared tensors, once the metadata and the tensor layout
+    have been checked (no tensor read)."""
     meta, declared = _read_declared(path)
     info = _info_from_metadata(path, meta)
     check_tensor_layout(path, info.network, declared)
+    return info, meta, declared
+
+
+def _verified_tensors(path: Path, keep: bool) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    """Check a model file: metadata, tensor layout (before reading any tensor), memory, then every
+    tensor's values and the checksum. Returns the tensors too when ``keep``."""
+    info, meta, declared = _checked_header(path)
     values = info.network.parameter_count()
     check_fits(values * (16 if keep else 4), f"{path}: loading this model ({values:,} values)")
     tensors: dict[str, torch.Tensor] = {}
@@ -258,6 +265,16 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     checked against the configuration from the header, then values and checksum, one tensor at
     a time) but without building the network."""
     return _verified_tensors(Path(path), keep=False)[0]
+
+
+def read_model_header(path: str | os.PathLike) -> ModelInfo:
+    """Metadata of a model file from its safetensors header alone, for listings and early checks.
+
+    The metadata and the tensors' names, shapes and types are checked as :func:`load_model`
+    checks them, but no tensor is read: the values and the checksum are verified once, by
+    whoever loads the model (:func:`load_model`, :func:`read_model_info`).
+    """
+    return _checked_header(Path(path))[0]
 
 
 def check_preprocessing(path: Path, pre: dict) -> None:

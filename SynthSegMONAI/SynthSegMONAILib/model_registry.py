@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError
+from .resource_files import resource_folder
 
 MODEL_SUFFIX = ".safetensors"
 DEFAULT_MODEL_NAME = "synthseg_monai_default"
@@ -40,11 +41,7 @@ def user_model_dir() -> Path:
 
 def shipped_model_dir() -> Path:
     """Models shipped with the package or the extension source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "resources" / "Models", here.parents[1] / "Resources" / "Models"):
-        if candidate.is_dir():
-            return candidate
-    return here.parents[1] / "Resources" / "Models"
+    return resource_folder("Models", Path(__file__).parent)
 
 
 def model_search_paths() -> list[Path]:

@@ -1,13 +1,16 @@
 """The lines the command line prints for a parent process (the Slicer module), defined once.
 
 ``--progress-lines`` makes the command print ``SYNTHSEG_PROGRESS {json}``, ``SYNTHSEG_RESULT
-{json}`` and ``SYNTHSEG_ERROR {json}`` on its standard output. Standard library only, so the
-Slicer side imports it without PyTorch.
+{json}`` and ``SYNTHSEG_ERROR {json}`` on its standard output. A result line carries all a
+parent needs about one segmented image (:class:`ResultLine`: the files written, the model's
+structure labels and their volumes), so it reads no other output. Standard library only, so
+the Slicer side imports it without PyTorch.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 
 PROGRESS_PREFIX = "SYNTHSEG_PROGRESS"
 RESULT_PREFIX = "SYNTHSEG_RESULT"
@@ -30,3 +33,51 @@ def parse_line(line: str) -> tuple[str, dict] | None:
                 return None
             return (prefix, payload) if isinstance(payload, dict) else None
     return None
+
+
+@dataclass(frozen=True)
+class ResultLine:
+    """The payload of a ``SYNTHSEG_RESULT`` line: one image segmented.
+
+    Paths are the files actually written (None: not written). ``labels`` are the model's
+    structure labels (background left out) in the order of ``volumes_mm3``, the soft volumes
+    of the ``--vol`` CSV; ``total_intracranial_mm3`` is None when the model segments no CSF.
+    ``empty``: no voxel got a structure.
+    """
+
+    input: str
+    segmentation: str
+    posteriors: str | None = None
+    resampled: str | None = None
+    labels: list[int] = field(default_factory=list)
+    volumes_mm3: list[float] = field(default_factory=list)
+    total_intracranial_mm3: float | None = None
+    empty: bool = False
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def payload(self) -> dict:
+        """The JSON object of the line."""
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> ResultLine:
+        """Read a result line's payload; ValueError when it lacks a field or a value has the wrong type."""
+        def optional(key: str, kind: type):
+            value = payload.get(key)
+            return None if value is None else kind(value)
+
+        try:
+            labels = [int(v) for v in payload.get("labels", [])]
+            volumes = [float(v) for v in payload.get("volumes_mm3", [])]
+            line = cls(input=str(payload["input"]), segmentation=str(payload["segmentation"]),
+                       posteriors=optional("posteriors", str), resampled=optional("resampled", str),
+                       labels=labels, volumes_mm3=volumes,
+                       total_intracranial_mm3=optional("total_intracranial_mm3", float),
+                       empty=bool(payload.get("empty", False)), seconds=float(payload.get("seconds", 0.0)),
+                       timings={str(k): float(v) for k, v in dict(payload.get("timings", {})).items()})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed {RESULT_PREFIX} line: {e!r}") from e
+        if len(labels) != len(volumes):
+            raise ValueError(f"malformed {RESULT_PREFIX} line: {len(volumes)} volumes for {len(labels)} labels")
+        return line

@@ -41,10 +41,15 @@ def volume_row(sums: np.ndarray, voxel_volume, with_total: bool) -> list:
     return [str(v) for v in values]
 
 
+def has_total(labels: list[int]) -> bool:
+    """Whether volumes of ``labels`` come with a total intracranial volume (the model segments CSF, 24)."""
+    return 24 in labels
+
+
 def csv_header(labels: list[int]) -> list[str]:
     """``subject``, ``total intracranial`` (when CSF is segmented), the structure names."""
     names = csv_names(labels[1:])
-    return ["subject", *(["total intracranial"] if 24 in labels else []), *names]
+    return ["subject", *(["total intracranial"] if has_total(labels) else []), *names]
 
 
 def subject_name(path: Path) -> str:
@@ -67,8 +72,10 @@ def write_volumes_csv(path: Path, labels: list[int], rows: Iterable[list[str]]) 
     return path
 
 
-def read_volumes_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a volumes CSV."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[0], rows[1:]
+def row_volumes(labels: list[int], row: list[str]) -> tuple[list[float], float | None]:
+    """The numbers of a CSV row (``subject``, optional total, one volume per structure of ``labels``
+    but the background): the structure volumes in mm^3, and the total intracranial volume or None."""
+    values = [float(v) for v in row[1:]]
+    if has_total(labels):
+        return values[1:], values[0]
+    return values, None

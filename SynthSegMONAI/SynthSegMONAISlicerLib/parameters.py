@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .segment_job import DEVICES, OUTPUT_GRIDS, SegmentOptions
+from .options import DEVICES, OUTPUT_GRIDS, SegmentOptions
 
 INPUT_VOLUME = "InputVolume"
 OUTPUT_SEGMENTATION = "OutputSegmentation"

@@ -34,6 +34,13 @@ class ProgressEvent:
 
 
 @dataclass(frozen=True)
+class ResultEvent:
+    """A ``SYNTHSEG_RESULT`` line: one image segmented, its output files and volumes."""
+
+    result: protocol.ResultLine
+
+
+@dataclass(frozen=True)
 class ErrorEvent:
     """A ``SYNTHSEG_ERROR`` line or an ``error:`` line on stderr."""
 
@@ -57,7 +64,7 @@ class FinishedEvent:
     cancelled: bool = False
 
 
-Event = ProgressEvent | ErrorEvent | LogEvent | FinishedEvent
+Event = ProgressEvent | ResultEvent | ErrorEvent | LogEvent | FinishedEvent
 
 
 def parse_line(line: str, stream: str = "stdout") -> Event:
@@ -74,6 +81,11 @@ def parse_line(line: str, stream: str = "stdout") -> Event:
                 return ProgressEvent(str(data.get("stage", "")), fraction,
                                      int(data.get("image", 1)), int(data.get("images", 1)))
             except (TypeError, ValueError):
+                return LogEvent(text, stream)
+        if kind == protocol.RESULT_PREFIX:
+            try:
+                return ResultEvent(protocol.ResultLine.from_payload(data))
+            except ValueError:
                 return LogEvent(text, stream)
     if stream == "stderr" and text.startswith("error:"):
         return ErrorEvent(text[len("error:"):].strip())

@@ -1,16 +1,16 @@
 """One segmentation run: volume node in, segmentation node and volume table out.
 
-:class:`SegmentationJob` is a small state machine (``idle -> segmenting -> importing ->
-done``, or ``cancelling -> cancelled``, or ``failed``). ``start`` checks the input and the
-model, writes the volume to a private temporary folder and starts the engine's command line
-with Slicer's own Python in a child process; ``poll`` streams progress and, once the engine
-has finished, imports its outputs into the scene. The temporary folder is removed whatever
-happens. Errors leave the scene as it was.
+:class:`SegmentationJob` is a small state machine (:class:`~.job_state.JobState`: ``idle ->
+segmenting -> importing -> done``, or ``cancelling -> cancelled``, or ``failed``). ``start``
+checks the input and the model (its header), writes the volume to a private temporary folder
+and starts the engine's command line with Slicer's own Python in a child process; ``poll``
+streams progress and, once the engine has finished, imports its outputs into the scene: the
+label map the engine's result line names, and the volumes that line carries. The temporary
+folder is removed whatever happens. Errors leave the scene as it was.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 import shutil
 import sys
@@ -22,47 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .process_runner import ErrorEvent, FinishedEvent, LogEvent, ProcessRunner, ProgressEvent
+from SynthSegMONAILib import ResultLine
+
+from .errors import SegmentationError
+from .job_state import JobState
+from .models import resolve_model
+from .options import SegmentOptions
+from .process_runner import ErrorEvent, FinishedEvent, LogEvent, ProcessRunner, ProgressEvent, ResultEvent
 from .segmentation_import import import_labelmap, place_in_subject_hierarchy
-from .statistics_table import VolumeReport, fill_table, read_volumes_csv
+from .statistics_table import VolumeReport, fill_table, volume_report
 from .volume_export import InputVolumeError, check_input_volume, export_volume
 
-DEVICES = ("auto", "cpu", "cuda")
-OUTPUT_GRIDS = ("input", "synthseg")
 ENGINE_DIR = Path(__file__).resolve().parents[1]  # folder holding SynthSegMONAILib
-
-
-class SegmentationError(RuntimeError):
-    """Segmentation failed or was refused; the message is meant for the user."""
-
-
-class JobState(enum.Enum):
-    IDLE = "idle"
-    SEGMENTING = "segmenting"
-    IMPORTING = "importing"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass
-class SegmentOptions:
-    """What the user chose: model (name or path, '' = default), speed, device, output grid."""
-
-    model: str = ""
-    fast: bool = False
-    device: str = "auto"
-    threads: int = 0
-    output_grid: str = "input"
-
-    def validate(self) -> None:
-        if self.device not in DEVICES:
-            raise SegmentationError(f"unknown device {self.device!r} (choose one of {', '.join(DEVICES)})")
-        if self.output_grid not in OUTPUT_GRIDS:
-            raise SegmentationError(f"unknown output grid {self.output_grid!r}")
-        if self.threads < 0:
-            raise SegmentationError("the number of CPU threads cannot be negative")
 
 
 @dataclass
@@ -79,18 +50,6 @@ class SegmentationResult:
 def python_executable() -> str:
     """Slicer's own Python (``PythonSlicer``) when available, else this interpreter."""
     return shutil.which("PythonSlicer") or sys.executable
-
-
-def resolve_model(model: str):
-    """Path and verified info of the model; raises :class:`SegmentationError` if unusable."""
-    from SynthSegMONAILib import model_registry
-    from SynthSegMONAILib.errors import SynthSegError
-
-    try:
-        path = model_registry.resolve_model(model or None)
-        return path, model_registry.describe(path)
-    except SynthSegError as e:
-        raise SegmentationError(str(e)) from e
 
 
 class SegmentationJob:
@@ -120,7 +79,7 @@ class SegmentationJob:
         self._errors: list[str] = []
         self._stderr_tail: list[str] = []
         self._model_path: Path | None = None
-        self._model_labels: list[int] = []
+        self._results: list[ResultLine] = []  # what the engine's result lines said
 
     # --- control -------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,8 +92,7 @@ class SegmentationJob:
                 check_input_volume(self.volume_node)
             except InputVolumeError as e:
                 raise SegmentationError(str(e)) from e
-            self._model_path, info = resolve_model(self.options.model)
-            self._model_labels = list(info.labels)
+            self._model_path, _ = resolve_model(self.options.model)  # refuses what is not a model
             self.temp_dir = Path(tempfile.mkdtemp(prefix="SynthSegMONAI-", dir=self.temp_root))
             input_path = self.temp_dir / "input.nii.gz"
             export_volume(self.volume_node, input_path)
@@ -153,7 +111,7 @@ class SegmentationJob:
         o = self.options
         cmd = [self.python, "-m", "SynthSegMONAILib.cli", "segment",
                "--i", str(input_path), "--o", str(self.temp_dir / "seg.nii.gz"),
-               "--vol", str(self.temp_dir / "volumes.csv"), "--model", str(self._model_path),
+               "--model", str(self._model_path),
                "--device", o.device, "--output-grid", o.output_grid, "--progress-lines"]
         if o.fast:
             cmd.append("--fast")
@@ -209,6 +167,8 @@ class SegmentationJob:
             if isinstance(event, ProgressEvent):
                 # Keep the last 5 % for importing into the scene.
                 self._emit_progress(0.95 * event.fraction, event.stage)
+            elif isinstance(event, ResultEvent):
+                self._results.append(event.result)
             elif isinstance(event, ErrorEvent):
                 self._errors.append(event.message)
                 self._emit_log(f"error: {event.message}")
@@ -260,12 +220,15 @@ class SegmentationJob:
         import nibabel as nib
 
         assert self.temp_dir is not None and self._model_path is not None
-        seg_img = nib.load(str(self.temp_dir / "seg.nii.gz"))
+        if not self._results:
+            raise ValueError("the engine reported no result")
+        line = self._results[-1]
+        seg_img = nib.load(line.segmentation)
         labels = np.asarray(seg_img.dataobj)
         if labels.ndim == 4 and labels.shape[3] == 1:
             labels = labels[..., 0]
         labels = np.rint(labels).astype(np.int16)
-        report = read_volumes_csv(self.temp_dir / "volumes.csv", self._model_labels)
+        report = volume_report(line.labels, line.volumes_mm3, line.total_intracranial_mm3)
         name = self.volume_node.GetName()
         created_seg = self.segmentation_node is None
         seg = import_labelmap(self.scene, labels, np.asarray(seg_img.affine), f"{name} SynthSeg",

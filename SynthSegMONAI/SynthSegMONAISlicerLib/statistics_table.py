@@ -1,9 +1,8 @@
-"""Volumes CSV from the engine -> ``vtkMRMLTableNode`` (and back to CSV for export).
+"""Volumes from the engine -> ``vtkMRMLTableNode`` (and to CSV for export).
 
-SynthSeg's ``--vol`` CSV has one header row ``subject,total intracranial,<structures>`` (the
-"total intracranial" column only when the model segments CSF) and one row per image with
-soft volumes in mm^3. Columns follow the model's label list in ascending order, background
-left out, so the label value of each column comes from the model, not from its name.
+The engine's result line gives the soft volumes in mm^3 of the model's structures (the
+numbers of SynthSeg's ``--vol`` CSV), each with its label value, and the total intracranial
+volume when the model segments CSF.
 """
 
 from __future__ import annotations
@@ -39,29 +38,17 @@ class VolumeReport:
     total_intracranial_mm3: float | None
 
 
-def read_volumes_csv(path: str | os.PathLike, model_labels: list[int], row: int = 0) -> VolumeReport:
-    """Parse the engine's volumes CSV for the image in data row ``row``."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2 + row:
-        raise ValueError(f"{path}: no volumes for image {row + 1}")
-    header, values = rows[0], rows[1 + row]
-    if len(values) != len(header):
-        raise ValueError(f"{path}: {len(values)} values for {len(header)} columns")
-    columns = dict(zip(header, values, strict=True))
-    tiv = float(columns[TIV_HEADER]) if TIV_HEADER in columns else None
-    structure_headers = [h for h in header[1:] if h != TIV_HEADER]
-    structure_labels = [lab for lab in model_labels if lab != 0]
-    if len(structure_headers) != len(structure_labels):
-        raise ValueError(f"{path}: {len(structure_headers)} structure columns for a model with "
-                         f"{len(structure_labels)} structures")
-    expected = label_table.csv_names(structure_labels)
-    structures = []
-    for i, (h, lab) in enumerate(zip(structure_headers, structure_labels, strict=True)):
-        if h.lower() != expected[i].lower():
-            raise ValueError(f"{path}: column {h!r} does not match label {lab} ({expected[i]!r})")
-        structures.append(StructureVolume(lab, _freesurfer_name(lab), h,
-                                          float(columns[h])))
+def volume_report(labels: list[int], volumes_mm3: list[float],
+                  total_intracranial_mm3: float | None = None) -> VolumeReport:
+    """The volumes of one image as the engine's result line gives them: one per structure label
+    (background left out), in the same order."""
+    structure_labels = [lab for lab in labels if lab != 0]
+    if len(structure_labels) != len(volumes_mm3):
+        raise ValueError(f"{len(volumes_mm3)} volumes for a model with {len(structure_labels)} structures")
+    names = label_table.csv_names(structure_labels)
+    structures = [StructureVolume(lab, _freesurfer_name(lab), name, float(v))
+                  for lab, name, v in zip(structure_labels, names, volumes_mm3, strict=True)]
+    tiv = None if total_intracranial_mm3 is None else float(total_intracranial_mm3)
     return VolumeReport(structures, tiv)
 
 

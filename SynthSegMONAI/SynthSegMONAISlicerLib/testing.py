@@ -3,13 +3,11 @@
 The network passes the (normalised) intensity straight through to the head, which turns it
 into labels by nearest intensity level: the segmentation of a phantom made of regions of
 known intensity is known in advance, so geometry and names can be checked exactly, without
-real weights. Label blocks and a volumes file in the engine's format test the scene side
-without PyTorch.
+real weights. Label blocks test the scene side without PyTorch.
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +21,8 @@ def make_tiny_model(path: str | Path, levels: dict[int, float] | None = None,
     """Write a 3-level, 4-feature model mapping intensity levels to labels (see module doc)."""
     import torch
 
-    from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING, ModelInfo, save_model
-    from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
+    from SynthSegMONAILib import ModelInfo, SynthSegUNet, UNetConfig, save_model
+    from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING
 
     levels = dict(levels or PHANTOM_LEVELS)
     labels = sorted(levels)
@@ -100,15 +98,3 @@ def label_blocks(shape: tuple[int, int, int]) -> np.ndarray:
         out[a:max(b, a + 1), j0:j1, k0:k1] = label
     return out
 
-
-def write_volumes_csv(path: str | Path, volumes_mm3: dict[int, float], tiv_mm3: float | None = None) -> Path:
-    """A volumes file as the engine writes it (one image), for ``read_volumes_csv``."""
-    from SynthSegMONAILib import labels as label_table
-
-    labels = sorted(volumes_mm3)
-    header = ["subject"] + (["total intracranial"] if tiv_mm3 is not None else []) + label_table.csv_names(labels)
-    row = ["input"] + ([f"{tiv_mm3:.6f}"] if tiv_mm3 is not None else []) + [f"{volumes_mm3[lab]:.6f}"
-                                                                             for lab in labels]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([header, row])
-    return Path(path)

@@ -1,4 +1,5 @@
-"""Command line of training: ``train.py``, ``synthseg-monai train`` and Slicer's ``--python-script``.
+"""Command line of training: ``train.py``, ``synthseg-monai-train`` (also registered as the engine's
+``synthseg-monai train`` subcommand) and Slicer's ``--python-script``.
 
 Option names avoid Slicer's own (``--python-script``, ``--no-main-window``, ``--testing``,
 ``--additional-module-paths``...) so the same arguments work under

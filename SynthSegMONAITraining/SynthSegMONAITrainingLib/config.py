@@ -35,17 +35,95 @@ class DataConfig:
 
 @dataclass
 class SynthesisConfig:
-    """SynthSeg's generative model; ranges as in SynthSeg 1.0."""
+    """SynthSeg's generative model: the random draws that turn a label map into a training image.
+
+    Each sample draws its own value of every random parameter, uniformly between the bounds
+    given here unless said otherwise (see :class:`~.synthesis.Synthesizer`). The defaults are
+    SynthSeg 1.0's training settings; "SynthSeg" below gives the matching default of SynthSeg's
+    ``BrainGenerator`` (``SynthSeg/brain_generator.py``) and of the layers it builds. Voxels are
+    the label map's (after ``data.downsample``); intensities are on the Gaussian mixture's
+    arbitrary scale, clipped to ``clip_range`` before the image is rescaled to [0, 1].
+
+    Crop and flip:
+
+    - ``crop_size``: [X, Y, Z] voxels of each sample, each >= 1 and a multiple of the U-Net's size
+      multiple (16 for 5 levels). SynthSeg: ``output_shape`` = 160 in its training script (160^3).
+    - ``flip_probability``: probability of a left-right flip (swapping left and right labels),
+      0 to 1. SynthSeg: ``flipping`` = True, with probability 0.5.
+
+    Affine deformation, drawn per axis:
+
+    - ``scaling_bounds``: scale factor in U(1 - b, 1 + b); 0 <= b < 1. SynthSeg: 0.2.
+    - ``rotation_bounds``: angle in U(-b, b) degrees; b >= 0. SynthSeg: 15.
+    - ``shearing_bounds``: shear in U(-b, b) (dimensionless); b >= 0. SynthSeg: 0.012.
+    - ``translation_bounds``: shift in U(-b, b) voxels; b >= 0. SynthSeg: False (no translation).
+
+    Elastic deformation (a stationary velocity field integrated into a diffeomorphism):
+
+    - ``nonlin_std``: upper bound of the field's standard deviation, drawn in U(0, b), in voxels;
+      >= 0, 0 turns it off. SynthSeg: 4.
+    - ``nonlin_shape``: control points of the field per axis, >= 2. SynthSeg: ``nonlin_scale`` =
+      0.04 of the label map's size, i.e. 11 for SynthSeg's 256^3 maps.
+    - ``integration_steps``: scaling-and-squaring steps, >= 0. SynthSeg: 7 (``VecInt``).
+
+    Gaussian mixture, one mean and one standard deviation per GMM class:
+
+    - ``mean_range``: [min, max] of the means, min <= max. SynthSeg: [0, 250] (``prior_means``
+      None: 125 +- 125).
+    - ``std_range``: [min, max] of the standard deviations, min <= max. SynthSeg: [0, 35] in its
+      paper; its code's ``prior_stds`` None gives [0, 30].
+    - ``background_zero_probability``: probability that the background is exactly 0 (mean and
+      standard deviation 0), 0 to 1. SynthSeg: 0.05.
+    - ``background_dark_probability``: probability of a dark background instead, 0 to 1 (the
+      two probabilities together at most 1). SynthSeg: 0.25.
+    - ``background_dark_mean_max``: a dark background's mean in U(0, b); b >= 0. SynthSeg's code: 15
+      (25 here).
+    - ``background_dark_std_max``: a dark background's standard deviation in U(0, b); b >= 0.
+      SynthSeg: 5.
+
+    Bias field (multiplicative: the exponential of a smooth Gaussian field):
+
+    - ``bias_field_probability``: probability of a bias field, 0 to 1. SynthSeg: 0.95.
+    - ``bias_field_std``: upper bound of the log-field's standard deviation, drawn in U(0, b);
+      >= 0. SynthSeg: 0.7.
+    - ``bias_field_shape``: control points of the field per axis, >= 2. SynthSeg: ``bias_scale``
+      = 0.025 of the crop, i.e. 4 for 160^3.
+
+    Intensity:
+
+    - ``clip_range``: [min, max] intensities kept before rescaling to [0, 1], min <= max.
+      SynthSeg: ``clip`` = 300, i.e. [0, 300].
+    - ``gamma_std``: the image in [0, 1] is raised to exp(N(0, s)); s >= 0. SynthSeg: 0.5.
+
+    Resolution (the sample is blurred as a thick-slice acquisition, downsampled, then linearly
+    upsampled back to the crop's grid):
+
+    - ``native_resolution_probability``: probability of keeping the label map's resolution, 0 to
+      1. SynthSeg: 0.05 (``prob_min``).
+    - ``isotropic_resolution_probability``: probability of an isotropic low resolution, 0 to 1
+      (the two probabilities together at most 1; else one axis gets an anisotropic one).
+      SynthSeg: 0.1 (``prob_iso``).
+    - ``isotropic_resolution_range``: [min, max] mm of an isotropic resolution, min >= 1.
+      SynthSeg: from the label map's resolution to ``max_res_iso`` = 4.
+    - ``anisotropic_resolution_range``: [min, max] mm of the one low-resolution axis, min >= 1.
+      SynthSeg: from the label map's resolution to ``max_res_aniso`` = 8.
+    - ``blur_factor``: Gaussian blur sigma = factor x slice thickness (drawn between the label
+      map's resolution and the acquisition's), in voxels of the map; >= 0. SynthSeg: 0.75.
+    - ``blur_jitter``: sigma multiplied by U(1 - j, 1 + j); 0 <= j < 1. SynthSeg: 1.03, i.e.
+      U(1/1.03, 1.03).
+    - ``noise_std_max``: extra Gaussian noise on the [0, 1] image, its standard deviation in
+      U(0, b); >= 0, 0 turns it off. SynthSeg 1.0: none beyond the mixture's own.
+    """
 
     crop_size: list[int] = field(default_factory=lambda: [160, 160, 160])
     flip_probability: float = 0.5
-    scaling_bounds: float = 0.2  #: scale U(1 - b, 1 + b) per axis
-    rotation_bounds: float = 15.0  #: degrees, U(-b, b) per axis
+    scaling_bounds: float = 0.2
+    rotation_bounds: float = 15.0
     shearing_bounds: float = 0.012
-    translation_bounds: float = 0.0  #: voxels
-    nonlin_std: float = 4.0  #: upper bound of the velocity field's std (voxels)
-    nonlin_shape: int = 11  #: control points of the velocity field per axis
-    integration_steps: int = 7  #: scaling and squaring steps
+    translation_bounds: float = 0.0
+    nonlin_std: float = 4.0
+    nonlin_shape: int = 11
+    integration_steps: int = 7
     mean_range: list[float] = field(default_factory=lambda: [0.0, 250.0])
     std_range: list[float] = field(default_factory=lambda: [0.0, 35.0])
     background_zero_probability: float = 0.05
@@ -53,17 +131,17 @@ class SynthesisConfig:
     background_dark_mean_max: float = 25.0
     background_dark_std_max: float = 5.0
     bias_field_probability: float = 0.95
-    bias_field_std: float = 0.7  #: upper bound of the log-field's std
+    bias_field_std: float = 0.7
     bias_field_shape: int = 4
     clip_range: list[float] = field(default_factory=lambda: [0.0, 300.0])
-    gamma_std: float = 0.5  #: image ** exp(N(0, gamma_std))
+    gamma_std: float = 0.5
     native_resolution_probability: float = 0.05
     isotropic_resolution_probability: float = 0.10
-    isotropic_resolution_range: list[float] = field(default_factory=lambda: [1.0, 4.0])  #: mm
-    anisotropic_resolution_range: list[float] = field(default_factory=lambda: [1.0, 8.0])  #: mm
-    blur_factor: float = 0.75  #: blur sigma = factor x slice thickness
-    blur_jitter: float = 0.03  #: sigma multiplied by U(1 - j, 1 + j)
-    noise_std_max: float = 0.0  #: extra Gaussian noise (SynthSeg 1.0 has none beyond the GMM)
+    isotropic_resolution_range: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    anisotropic_resolution_range: list[float] = field(default_factory=lambda: [1.0, 8.0])
+    blur_factor: float = 0.75
+    blur_jitter: float = 0.03
+    noise_std_max: float = 0.0
 
 
 @dataclass
@@ -236,7 +314,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("distributed.backend must be auto, nccl or gloo")
     if cfg.data.downsample < 1 or cfg.data.validation_maps < 0:
         raise ConfigError("data.downsample must be >= 1 and data.validation_maps >= 0")
-    from SynthSegMONAILib.network import UNetConfig
+    from SynthSegMONAILib import UNetConfig
 
     net = dict(cfg.network)
     net.pop("out_channels", None)

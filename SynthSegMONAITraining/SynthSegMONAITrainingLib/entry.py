@@ -1,4 +1,5 @@
-"""What the training scripts (``train.py``, ``train_round.py``, ``make_label_cache.py``) share.
+"""What the training entry points (``train.py``, ``train_round.py``, ``make_label_cache.py``, the
+``train`` subcommand) share.
 
 Importing this module needs nothing beyond the standard library: in Slicer the missing
 training packages are installed first (the user is asked), then the script's command line runs.
@@ -20,6 +21,20 @@ def run_script(cli_module: str, argv: list[str], **kwargs) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 1
     return int(importlib.import_module(cli_module).main(argv, **kwargs) or 0)
+
+
+def train_command(argv: list[str] | None = None) -> int:
+    """``synthseg-monai train`` and ``synthseg-monai-train``: the training command line.
+
+    Registered in the ``synthseg_monai.subcommands`` entry-point group, so the engine's command
+    line runs it without importing the training package by name.
+    """
+    try:
+        cli = importlib.import_module("SynthSegMONAITrainingLib.cli")
+    except ImportError as e:
+        print(f"error: training is not available ({e}); install synthseg-monai[train]", file=sys.stderr)
+        return 1
+    return int(cli.main(argv) or 0)
 
 
 class ScriptFailed(RuntimeError):

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from SynthSegMONAILib.model_file import ModelInfo, save_model
-from SynthSegMONAILib.network import SynthSegUNet
+from SynthSegMONAILib import ModelInfo, SynthSegUNet, save_model
 
 from .config import Config
 

@@ -19,7 +19,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from SynthSegMONAILib.labels import resource_path, synthseg_labels
+from SynthSegMONAILib import synthseg_labels
+from SynthSegMONAILib.resource_files import resource_path
 
 GENERATION_TABLE_NAME = "synthseg_generation_labels.csv"
 LABEL_MAP_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         compile=args.compile, log_every=args.log_every, checkpoint_every_s=args.checkpoint_every,
         validation_maps=args.validation_maps, validation_samples=args.validation_samples, seed=args.seed,
         threads=args.threads, progress=not args.quiet)
-    from SynthSegMONAILib.errors import ModelFileError
+    from SynthSegMONAILib import ModelFileError
 
     from .config import ConfigError
     from .label_maps import LabelMapError

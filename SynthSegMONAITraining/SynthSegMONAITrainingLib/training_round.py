@@ -32,8 +32,7 @@ from pathlib import Path
 
 import torch
 
-from SynthSegMONAILib.labels import synthseg_labels
-from SynthSegMONAILib.model_file import load_model
+from SynthSegMONAILib import load_model, synthseg_labels
 from SynthSegMONAILib.model_registry import DEFAULT_MODEL_NAME, shipped_model_dir
 from SynthSegMONAILib.output_files import atomic_output
 

@@ -11,14 +11,11 @@ import unittest
 from pathlib import Path
 
 import numpy as np
+import pytest
+import slicer
 
 REPO = Path(__file__).resolve().parents[2]
-MODULE_DIR = REPO / "SynthSegMONAI"
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
-
-import pytest  # noqa: E402
-import slicer  # noqa: E402
+MODULE_DIR = REPO / "SynthSegMONAI"  # on sys.path (conftest.py): the Slicer module and its packages
 
 
 def process_gone(pid: int) -> bool:

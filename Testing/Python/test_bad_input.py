@@ -129,6 +129,22 @@ def test_model_that_is_not_a_model_or_was_tampered_with(tiny_model, tmp_path, ca
         assert not out.exists()
 
 
+def test_header_read_checks_the_layout_and_leaves_the_checksum_to_the_loader(tiny_model, tmp_path):
+    from SynthSegMONAILib.errors import ModelFileError
+    from SynthSegMONAILib.model_file import read_model_header, read_model_info
+
+    tampered = tmp_path / "tampered.safetensors"
+    raw = bytearray(tiny_model.read_bytes())
+    raw[-10] ^= 0xFF  # tensor data only: the header is intact
+    tampered.write_bytes(bytes(raw))
+    assert read_model_header(tampered) == read_model_info(tiny_model)
+    with pytest.raises(ModelFileError, match="checksum mismatch"):
+        read_model_info(tampered)
+    (tmp_path / "junk.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(ModelFileError, match="not a SynthSeg-MONAI model"):
+        read_model_header(tmp_path / "junk.safetensors")
+
+
 def test_output_folder_that_cannot_be_written(tiny_model, tmp_path, capsys):
     img = _good(tmp_path / "scan.nii.gz")
     blocker = tmp_path / "a_file"

@@ -105,6 +105,46 @@ def test_progress_lines_for_a_folder(tiny_model, tmp_path, capsys):
     assert all(Path(r["segmentation"]).is_file() and r["seconds"] > 0 for r in results)
 
 
+def test_result_line_carries_the_files_written_and_the_volumes_of_the_csv(tiny_model, tmp_path, capsys):
+    import csv
+
+    from SynthSegMONAILib.protocol import ResultLine
+
+    nib.save(nib.Nifti1Image(_head(), np.eye(4)), str(tmp_path / "t1.nii.gz"))
+    assert _segment(tiny_model, tmp_path / "t1.nii.gz", tmp_path / "seg.nii.gz", "--progress-lines",
+                    "--post", str(tmp_path / "post.nii.gz"), "--vol", str(tmp_path / "vol.csv")) == 0
+    (line,) = [ResultLine.from_payload(p) for kind, p in filter(None, map(parse_line, capsys.readouterr()
+                                                                          .out.splitlines())) if kind == RESULT_PREFIX]
+    assert (line.segmentation, line.posteriors) == (str(tmp_path / "seg.nii.gz"), str(tmp_path / "post.nii.gz"))
+    assert line.resampled is None  # already at 1 mm
+    assert line.empty == (not np.asarray(nib.load(line.segmentation).dataobj).any())
+    with open(tmp_path / "vol.csv", newline="") as f:
+        header, row = list(csv.reader(f))
+    assert line.labels == LABELS[1:]
+    assert [line.total_intracranial_mm3, *line.volumes_mm3] == [float(v) for v in row[1:]]
+    assert header[1] == "total intracranial"
+
+
+def test_importing_the_engine_package_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, SynthSegMONAILib as e; e.synthseg_labels(); e.available_models(); e.ResultLine; "
+            "assert 'torch' not in sys.modules; e.Segmenter; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_is_a_subcommand_the_training_package_registers(capsys):
+    from SynthSegMONAILib.cli import registered_subcommands
+
+    registered = registered_subcommands()
+    if "train" not in registered:
+        pytest.skip("the package's entry points are not installed (pip install -e .)")
+    assert registered["train"].module.startswith("SynthSegMONAITrainingLib")
+    assert main(["--help"]) == 0
+    assert "export-bundle, train;" in capsys.readouterr().out
+
+
 def test_import_keras_command_writes_a_loadable_model(keras_ref, imported_models, tmp_path, capsys):
     out = tmp_path / "synthseg_2.0.safetensors"
     assert main(["import-keras", str(keras_ref / "synthseg_2.0_random.h5"), "-o", str(out)]) == 0

@@ -27,8 +27,9 @@ import tomllib
 from slicer_fixtures import REPO, add_volume, centred_affine, install_doubles, scene_node_ids
 
 from SynthSegMONAISlicerLib import dependencies
+from SynthSegMONAISlicerLib.job_state import JobState
+from SynthSegMONAISlicerLib.options import SegmentOptions
 from SynthSegMONAISlicerLib.process_runner import FinishedEvent, LogEvent, ProcessRunner
-from SynthSegMONAISlicerLib.segment_job import JobState, SegmentOptions
 from SynthSegMONAISlicerLib.testing import phantom
 
 scene, tiny_model, model_home, module = fx.scene, fx.tiny_model, fx.model_home, fx.module

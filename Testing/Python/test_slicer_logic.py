@@ -16,15 +16,18 @@ from slicer_fixtures import add_volume, affine, rotation, scene_node_ids
 
 from SynthSegMONAILib import labels as label_table
 from SynthSegMONAISlicerLib import dependencies, models, parameters, statistics_table
+from SynthSegMONAISlicerLib.errors import SegmentationError
+from SynthSegMONAISlicerLib.options import SegmentOptions
 from SynthSegMONAISlicerLib.process_runner import (
     ErrorEvent,
     FinishedEvent,
     LogEvent,
     ProcessRunner,
     ProgressEvent,
+    ResultEvent,
     parse_line,
 )
-from SynthSegMONAISlicerLib.segment_job import SegmentationError, SegmentationJob, SegmentOptions
+from SynthSegMONAISlicerLib.segment_job import SegmentationJob
 from SynthSegMONAISlicerLib.segmentation_import import (
     import_labelmap,
     place_in_subject_hierarchy,
@@ -46,6 +49,12 @@ def test_parse_progress_error_and_log_lines():
     assert parse_line("SYNTHSEG_PROGRESS {broken") == LogEvent("SYNTHSEG_PROGRESS {broken")
     assert parse_line("loading model") == LogEvent("loading model")
     assert parse_line('SYNTHSEG_PROGRESS {"fraction": 7}').fraction == 1.0
+    e = parse_line('SYNTHSEG_RESULT {"input": "in.nii.gz", "segmentation": "seg.nii.gz", "labels": [2, 41], '
+                   '"volumes_mm3": [10.5, 20.25], "total_intracranial_mm3": null}')
+    assert isinstance(e, ResultEvent) and e.result.labels == [2, 41] and e.result.volumes_mm3 == [10.5, 20.25]
+    assert e.result.segmentation == "seg.nii.gz" and e.result.total_intracranial_mm3 is None
+    damaged = 'SYNTHSEG_RESULT {"input": "in.nii.gz", "segmentation": "s", "labels": [2], "volumes_mm3": []}'
+    assert parse_line(damaged) == LogEvent(damaged)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
@@ -263,17 +272,9 @@ def test_segmentation_placed_in_the_input_study(scene):
 
 
 # --- statistics table ----------------------------------------------------------------------
-def _write_csv(path, labels, values, tiv):
-    names = label_table.csv_names([lab for lab in labels if lab])
-    header = ["subject"] + (["total intracranial"] if tiv is not None else []) + names
-    row = ["input"] + ([f"{tiv:.6f}"] if tiv is not None else []) + [f"{v:.6f}" for v in values]
-    path.write_bytes(("\r\n".join([",".join(header), ",".join(row)]) + "\r\n").encode())
-
-
 def test_volume_table_with_tiv_and_csv_export(scene, tmp_path):
-    labels = [0, 2, 24, 41]
-    _write_csv(tmp_path / "vol.csv", labels, [1000.0, 500.0, 1500.0], 3000.0)
-    report = statistics_table.read_volumes_csv(tmp_path / "vol.csv", labels)
+    report = statistics_table.volume_report([0, 2, 24, 41], [1000.0, 500.0, 1500.0], 3000.0)
+    assert [s.synthseg_name for s in report.structures] == label_table.csv_names([2, 24, 41])
     table = statistics_table.fill_table(scene, report, "T1 SynthSeg volumes")
     rows = statistics_table.table_rows(table)
     assert [r["Label"] for r in rows] == [2, 24, 41]
@@ -289,18 +290,15 @@ def test_volume_table_with_tiv_and_csv_export(scene, tmp_path):
 
 
 def test_volume_table_without_csf_has_no_tiv_column(scene, tmp_path):
-    labels = [0, 2, 41]
-    _write_csv(tmp_path / "vol.csv", labels, [10.0, 20.0], None)
-    report = statistics_table.read_volumes_csv(tmp_path / "vol.csv", labels)
+    report = statistics_table.volume_report([0, 2, 41], [10.0, 20.0], None)
     assert report.total_intracranial_mm3 is None
     table = statistics_table.fill_table(scene, report, "t")
     assert "% of TIV" not in statistics_table.table_rows(table)[0]
 
 
-def test_volume_csv_mismatching_the_model_is_refused(tmp_path):
-    _write_csv(tmp_path / "vol.csv", [0, 2, 41], [10.0, 20.0], None)
-    with pytest.raises(ValueError, match="structure columns"):
-        statistics_table.read_volumes_csv(tmp_path / "vol.csv", [0, 2, 24, 41])
+def test_volumes_mismatching_the_model_are_refused():
+    with pytest.raises(ValueError, match="2 volumes for a model with 3 structures"):
+        statistics_table.volume_report([0, 2, 24, 41], [10.0, 20.0], None)
 
 
 # --- parameters, dependencies, models ------------------------------------------------------

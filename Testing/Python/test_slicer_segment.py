@@ -24,7 +24,10 @@ from vtk.util import numpy_support
 
 from SynthSegMONAILib import labels as label_table
 from SynthSegMONAISlicerLib import statistics_table
-from SynthSegMONAISlicerLib.segment_job import JobState, SegmentationError, SegmentationJob, SegmentOptions
+from SynthSegMONAISlicerLib.errors import SegmentationError
+from SynthSegMONAISlicerLib.job_state import JobState
+from SynthSegMONAISlicerLib.options import SegmentOptions
+from SynthSegMONAISlicerLib.segment_job import SegmentationJob
 from SynthSegMONAISlicerLib.segmentation_import import terminology_entry
 from SynthSegMONAISlicerLib.testing import PHANTOM_LEVELS, expected_labels, phantom, voxel_centres_ras
 

@@ -634,8 +634,8 @@ def test_checkpoints_load_without_unpickling(tmp_path):
 
 def test_listings_check_tensor_shapes_against_the_configuration(tiny_model, tmp_path, monkeypatch, capsys):
     from SynthSegMONAILib.model_file import read_model_info
+    from SynthSegMONAISlicerLib.errors import SegmentationError
     from SynthSegMONAISlicerLib.models import add_model_file
-    from SynthSegMONAISlicerLib.segment_job import SegmentationError
 
     folder = tmp_path / "models"
     folder.mkdir()
