@@ -87,8 +87,13 @@ def _link_target(group, name: str, path: Path):
     return obj
 
 
-def _weight_datasets(f, path: Path) -> dict[str, dict[str, object]]:
-    """Layer name -> {weight name -> h5py.Dataset} of the SynthSeg layers; nothing is read yet."""
+def _is_segmentation_layer(name: str) -> bool:
+    return bool(_CONV.match(name) or _BN.match(name) or name == "unet_likelihood")
+
+
+def _weight_datasets(f, path: Path, keep=_is_segmentation_layer) -> dict[str, dict[str, object]]:
+    """Layer name -> {weight name -> h5py.Dataset} of the layers ``keep(name)`` selects (by
+    default the segmentation U-Net's); nothing is read yet."""
     import h5py
 
     root = _link_target(f, "model_weights", path) if "model_weights" in f else f
@@ -96,7 +101,7 @@ def _weight_datasets(f, path: Path) -> dict[str, dict[str, object]]:
         raise ModelFileError(f"{path} is an HDF5 file without Keras weights (no layer_names)")
     layers: dict[str, dict[str, object]] = {}
     for lname in (_decode(n) for n in np.atleast_1d(root.attrs["layer_names"])):
-        if not (_CONV.match(lname) or _BN.match(lname) or lname == "unet_likelihood"):
+        if not keep(lname):
             continue  # layers without weights (input, pooling, ...) are never opened
         if lname not in root:
             raise ModelFileError(f"{path}: layer {lname} is listed in layer_names but its group is missing")
