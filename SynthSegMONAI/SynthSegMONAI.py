@@ -41,6 +41,7 @@ from SynthSegMONAISlicerLib import dependencies, models, parameters  # noqa: E40
 from SynthSegMONAISlicerLib.errors import SegmentationError  # noqa: E402
 from SynthSegMONAISlicerLib.job_state import JobState  # noqa: E402
 from SynthSegMONAISlicerLib.options import SegmentOptions  # noqa: E402
+from SynthSegMONAISlicerLib.qc_table import lowest_score  # noqa: E402
 from SynthSegMONAISlicerLib.segment_job import SegmentationJob, SegmentationResult  # noqa: E402
 from SynthSegMONAISlicerLib.statistics_table import export_csv  # noqa: E402
 
@@ -87,6 +88,10 @@ class SynthSegMONAI(ScriptedLoadableModule):
             "FreeSurfer names, colours, label values and SNOMED codes, and a table of structure "
             "volumes (mm<sup>3</sup>, mL, % of intracranial volume). Click <b>Cancel</b> to stop "
             "a run.<br><br>"
+            "SynthSeg 2.0 options: <i>Cortical parcellation</i> replaces the cerebral cortex by 68 "
+            "named parcels (FreeSurfer's ctx-lh-*/ctx-rh-*); <i>Robust model</i> for clinical scans "
+            "with large slice spacing; <i>CT scan</i> for CT in Hounsfield units; <i>Quality "
+            "control</i> adds a table of QC scores (0 to 1, higher is better).<br><br>"
             "From Python: <tt>import SynthSegMONAI; seg, table = "
             "SynthSegMONAI.SynthSegMONAILogic().segment(volumeNode)</tt>.<br><br>"
             "Documentation: <a href=\"{url}\">using SynthSeg-MONAI in 3D Slicer</a>.<br><br>"
@@ -179,12 +184,13 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
-                         self.ui.outputTableSelector):
+                         self.ui.outputTableSelector, self.ui.outputQCTableSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.connect(
             "currentNodeChanged(vtkMRMLNode*)", self.ui.show3DButton.setSegmentationNode)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.fastCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        for checkBox in self._optionCheckBoxes().values():
+            checkBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.threadsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.outputGridComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
@@ -247,9 +253,12 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputSegmentationSelector.setCurrentNode(
                 node.GetNodeReference(parameters.OUTPUT_SEGMENTATION))
             self.ui.outputTableSelector.setCurrentNode(node.GetNodeReference(parameters.OUTPUT_TABLE))
+            self.ui.outputQCTableSelector.setCurrentNode(node.GetNodeReference(parameters.OUTPUT_QC_TABLE))
             index = self.ui.modelComboBox.findData(options.model)
             self.ui.modelComboBox.setCurrentIndex(max(index, 0))
-            self.ui.fastCheckBox.checked = options.fast
+            for field, checkBox in self._optionCheckBoxes().items():
+                checkBox.checked = getattr(options, field)
+            self.ui.outputQCTableSelector.enabled = options.qc and not self._busy()
             self.ui.deviceComboBox.setCurrentIndex(max(self.ui.deviceComboBox.findData(options.device), 0))
             self.ui.threadsSpinBox.value = options.threads
             self.ui.outputGridComboBox.setCurrentIndex(
@@ -267,20 +276,26 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             for role, selector in ((parameters.INPUT_VOLUME, self.ui.inputVolumeSelector),
                                    (parameters.OUTPUT_SEGMENTATION, self.ui.outputSegmentationSelector),
-                                   (parameters.OUTPUT_TABLE, self.ui.outputTableSelector)):
+                                   (parameters.OUTPUT_TABLE, self.ui.outputTableSelector),
+                                   (parameters.OUTPUT_QC_TABLE, self.ui.outputQCTableSelector)):
                 node.SetNodeReferenceID(role, selector.currentNodeID)
             parameters.save_options(node, self.currentOptions())
         finally:
             node.EndModify(was)
 
+    def _optionCheckBoxes(self) -> dict:
+        """SegmentOptions field -> its check box."""
+        return {"fast": self.ui.fastCheckBox, "parc": self.ui.parcCheckBox, "robust": self.ui.robustCheckBox,
+                "ct": self.ui.ctCheckBox, "qc": self.ui.qcCheckBox}
+
     def currentOptions(self) -> SegmentOptions:
         model = self.ui.modelComboBox.currentData
         return SegmentOptions(
             model=model if model not in (self.ADD_MODEL, self.IMPORT_H5, None) else "",
-            fast=self.ui.fastCheckBox.checked,
             device=self.ui.deviceComboBox.currentData or "auto",
             threads=self.ui.threadsSpinBox.value,
             output_grid=self.ui.outputGridComboBox.currentData or "input",
+            **{field: bool(checkBox.checked) for field, checkBox in self._optionCheckBoxes().items()},
         )
 
     # --- models --------------------------------------------------------------------------
@@ -390,6 +405,7 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.inputVolumeSelector.currentNode(), self.currentOptions(),
             segmentationNode=node.GetNodeReference(parameters.OUTPUT_SEGMENTATION),
             tableNode=node.GetNodeReference(parameters.OUTPUT_TABLE),
+            qcTableNode=node.GetNodeReference(parameters.OUTPUT_QC_TABLE),
             onProgress=self.onProgress, onLog=self.onLog, start=False)
         try:
             self._job.start()
@@ -412,7 +428,8 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         if state is JobState.DONE:
             self._showResult(self._job.result)
-            self.setState(JobState.IDLE, self.DONE)
+            self.setState(JobState.IDLE, self._doneMessage(self._job.result))
+            self.ui.progressBar.value = 100
         elif state is JobState.FAILED:
             self.setState(JobState.FAILED, self._job.error)
             slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=self._job.error))
@@ -424,10 +441,19 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         was = node.StartModify()
         node.SetNodeReferenceID(parameters.OUTPUT_SEGMENTATION, result.segmentation_node.GetID())
         node.SetNodeReferenceID(parameters.OUTPUT_TABLE, result.table_node.GetID())
+        if result.qc_table_node is not None:
+            node.SetNodeReferenceID(parameters.OUTPUT_QC_TABLE, result.qc_table_node.GetID())
         node.EndModify(was)
         volume = self.ui.inputVolumeSelector.currentNode()
         slicer.util.setSliceViewerLayers(background=volume)
         self.logic.showTable(result.table_node)
+
+    def _doneMessage(self, result: SegmentationResult) -> str:
+        """``Done.``, with the lowest QC score when QC was asked."""
+        lowest = lowest_score(result.qc_scores or {})
+        if lowest is None:
+            return self.DONE
+        return _("Done. Lowest QC score: {score:.2f} ({group}).").format(score=lowest[1], group=lowest[0])
 
     def onProgress(self, fraction: float, stage: str) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -446,15 +472,19 @@ class SynthSegMONAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             export_csv(table, path)
 
+    def _busy(self) -> bool:
+        return self._state in (JobState.SEGMENTING, JobState.IMPORTING, JobState.CANCELLING)
+
     def setState(self, state: JobState, message: str | None = None) -> None:
         """Enable/disable controls for ``state`` (idle, segmenting, importing, cancelling, failed)."""
         self._state = state
-        busy = state in (JobState.SEGMENTING, JobState.IMPORTING, JobState.CANCELLING)
-        for widget in (self.ui.inputVolumeSelector, self.ui.modelComboBox, self.ui.fastCheckBox,
+        busy = self._busy()
+        for widget in (self.ui.inputVolumeSelector, self.ui.modelComboBox, *self._optionCheckBoxes().values(),
                        self.ui.deviceComboBox, self.ui.threadsSpinBox, self.ui.outputGridComboBox,
                        self.ui.outputSegmentationSelector, self.ui.outputTableSelector,
                        self.ui.installDependenciesButton):
             widget.enabled = not busy
+        self.ui.outputQCTableSelector.enabled = not busy and bool(self.ui.qcCheckBox.checked)
         if state is JobState.SEGMENTING:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation (nothing is added to the scene).")
@@ -493,6 +523,7 @@ class SynthSegMONAILogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.tempRoot: str | None = None  # None: the system's temporary folder
+        self.lastResult: SegmentationResult | None = None  # of the last segment() call (QC table, scores)
 
     def setDefaultParameters(self, parameterNode) -> None:
         parameters.set_defaults(parameterNode)
@@ -518,28 +549,32 @@ class SynthSegMONAILogic(ScriptedLoadableModuleLogic):
 
     def startSegmentation(self, volumeNode, options: SegmentOptions | None = None,
                           segmentationNode=None, tableNode=None, onProgress=None, onLog=None,
-                          start: bool = True) -> SegmentationJob:
+                          start: bool = True, qcTableNode=None) -> SegmentationJob:
         """Start segmenting in the background; poll the returned job (or call its ``wait``)."""
         job = SegmentationJob(slicer.mrmlScene, volumeNode, options, segmentation_node=segmentationNode,
-                              table_node=tableNode, on_progress=onProgress, on_log=onLog,
-                              temp_root=self.tempRoot)
+                              table_node=tableNode, qc_table_node=qcTableNode, on_progress=onProgress,
+                              on_log=onLog, temp_root=self.tempRoot)
         if start:
             job.start()
         return job
 
     def segment(self, volumeNode, model: str = "", fast: bool = False, device: str = "auto",
                 threads: int = 0, outputGrid: str = "input", segmentationNode=None,
-                tableNode=None, timeout: float | None = None):
+                tableNode=None, timeout: float | None = None, parc: bool = False,
+                robust: bool = False, ct: bool = False, qc: bool = False, qcTableNode=None):
         """Segment ``volumeNode`` and wait; returns (segmentation node, volume table node).
 
-        Raises ``SegmentationError`` with a message for the user if anything goes wrong; the
-        scene is then left unchanged.
+        SynthSeg 2.0's options: ``parc`` (cortical parcels), ``robust`` (robust model), ``ct``
+        (CT scan), ``qc`` (QC scores: table in ``self.lastResult.qc_table_node``). Raises
+        ``SegmentationError`` with a message for the user if anything goes wrong; the scene is
+        then left unchanged.
         """
         options = SegmentOptions(model=model, fast=fast, device=device, threads=threads,
-                                 output_grid=outputGrid)
+                                 output_grid=outputGrid, parc=parc, robust=robust, ct=ct, qc=qc)
         job = self.startSegmentation(volumeNode, options, segmentationNode, tableNode,
-                                     onLog=lambda text: logging.info(text))
+                                     onLog=lambda text: logging.info(text), qcTableNode=qcTableNode)
         result = job.wait(timeout)
+        self.lastResult = result
         return result.segmentation_node, result.table_node
 
     def showTable(self, tableNode) -> None:

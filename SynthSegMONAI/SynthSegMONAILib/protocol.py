@@ -42,7 +42,8 @@ class ResultLine:
     Paths are the files actually written (None: not written). ``labels`` are the model's
     structure labels (background left out) in the order of ``volumes_mm3``, the soft volumes
     of the ``--vol`` CSV; ``total_intracranial_mm3`` is None when the model segments no CSF.
-    ``empty``: no voxel got a structure.
+    ``empty``: no voxel got a structure. ``qc``: SynthSeg 2.0's QC score of each QC group
+    ({group name: score}; None when ``--qc`` was not asked).
     """
 
     input: str
@@ -55,6 +56,7 @@ class ResultLine:
     empty: bool = False
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    qc: dict[str, float] | None = None
 
     def payload(self) -> dict:
         """The JSON object of the line."""
@@ -75,7 +77,9 @@ class ResultLine:
                        labels=labels, volumes_mm3=volumes,
                        total_intracranial_mm3=optional("total_intracranial_mm3", float),
                        empty=bool(payload.get("empty", False)), seconds=float(payload.get("seconds", 0.0)),
-                       timings={str(k): float(v) for k, v in dict(payload.get("timings", {})).items()})
+                       timings={str(k): float(v) for k, v in dict(payload.get("timings", {})).items()},
+                       qc=None if payload.get("qc") is None
+                       else {str(k): float(v) for k, v in dict(payload["qc"]).items()})
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed {RESULT_PREFIX} line: {e!r}") from e
         if len(labels) != len(volumes):

@@ -12,13 +12,23 @@ OUTPUT_GRIDS = ("input", "synthseg")
 
 @dataclass
 class SegmentOptions:
-    """What the user chose: model (name or path, '' = default), speed, device, output grid."""
+    """What the user chose: model (name or path, '' = default), speed, device, output grid, and
+    SynthSeg 2.0's options: cortical parcellation (``--parc``), the robust model (``--robust``),
+    CT intensity clipping (``--ct``) and quality control scores (``--qc``)."""
 
     model: str = ""
     fast: bool = False
     device: str = "auto"
     threads: int = 0
     output_grid: str = "input"
+    parc: bool = False
+    robust: bool = False
+    ct: bool = False
+    qc: bool = False
+
+    def engine_flags(self) -> list[str]:
+        """The command-line flags of SynthSeg 2.0's options (``--qc`` takes a file: the job adds it)."""
+        return [flag for flag, on in (("--parc", self.parc), ("--robust", self.robust), ("--ct", self.ct)) if on]
 
     def validate(self) -> None:
         """Raise :class:`SegmentationError` for a value outside its choices."""

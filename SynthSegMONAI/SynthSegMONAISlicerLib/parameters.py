@@ -7,6 +7,9 @@ from .options import DEVICES, OUTPUT_GRIDS, SegmentOptions
 INPUT_VOLUME = "InputVolume"
 OUTPUT_SEGMENTATION = "OutputSegmentation"
 OUTPUT_TABLE = "OutputTable"
+OUTPUT_QC_TABLE = "OutputQCTable"
+# SynthSeg 2.0's on/off options: parameter name -> SegmentOptions field
+FLAGS = {"Parcellation": "parc", "Robust": "robust", "CT": "ct", "QualityControl": "qc"}
 
 
 def _bool(text: str | None, default: bool) -> bool:
@@ -31,6 +34,7 @@ def load_options(parameter_node) -> SegmentOptions:
         device=device if device in DEVICES else defaults.device,
         threads=threads,
         output_grid=grid if grid in OUTPUT_GRIDS else defaults.output_grid,
+        **{field: _bool(p(name), getattr(defaults, field)) for name, field in FLAGS.items()},
     )
 
 
@@ -43,6 +47,8 @@ def save_options(parameter_node, options: SegmentOptions) -> None:
         parameter_node.SetParameter("Device", options.device)
         parameter_node.SetParameter("Threads", str(options.threads))
         parameter_node.SetParameter("OutputGrid", options.output_grid)
+        for name, field in FLAGS.items():
+            parameter_node.SetParameter(name, "true" if getattr(options, field) else "false")
     finally:
         parameter_node.EndModify(was)
 

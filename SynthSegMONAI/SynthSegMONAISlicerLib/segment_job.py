@@ -7,6 +7,11 @@ and starts the engine's command line with Slicer's own Python in a child process
 streams progress and, once the engine has finished, imports its outputs into the scene: the
 label map the engine's result line names, and the volumes that line carries. The temporary
 folder is removed whatever happens. Errors leave the scene as it was.
+
+SynthSeg 2.0's options (:class:`~.options.SegmentOptions` ``parc``, ``robust``, ``ct``, ``qc``)
+become the engine's ``--parc``, ``--robust``, ``--ct`` and ``--qc <temporary file>``; with the
+robust model and no model chosen, the engine picks its robust model (no ``--model``). Parcels
+come in as named segments (:mod:`.segmentation_import`), QC scores as a table (:mod:`.qc_table`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .job_state import JobState
 from .models import resolve_model
 from .options import SegmentOptions
 from .process_runner import ErrorEvent, FinishedEvent, LogEvent, ProcessRunner, ProgressEvent, ResultEvent
+from .qc_table import fill_qc_table, read_qc_csv
 from .segmentation_import import import_labelmap, place_in_subject_hierarchy
 from .statistics_table import VolumeReport, fill_table, volume_report
 from .volume_export import InputVolumeError, check_input_volume, export_volume
@@ -43,8 +49,10 @@ class SegmentationResult:
     segmentation_node: object
     table_node: object
     report: VolumeReport
-    model_path: Path
+    model_path: Path | None
     log: list[str] = field(default_factory=list)
+    qc_table_node: object | None = None
+    qc_scores: dict[str, float] | None = None
 
 
 def python_executable() -> str:
@@ -56,7 +64,7 @@ class SegmentationJob:
     """Segment ``volume_node`` with ``options``; see the module docstring for the states."""
 
     def __init__(self, scene, volume_node, options: SegmentOptions | None = None,
-                 segmentation_node=None, table_node=None,
+                 segmentation_node=None, table_node=None, qc_table_node=None,
                  on_progress: Callable[[float, str], None] | None = None,
                  on_log: Callable[[str], None] | None = None,
                  temp_root: str | os.PathLike | None = None,
@@ -66,6 +74,7 @@ class SegmentationJob:
         self.options = options or SegmentOptions()
         self.segmentation_node = segmentation_node
         self.table_node = table_node
+        self.qc_table_node = qc_table_node
         self.on_progress = on_progress
         self.on_log = on_log
         self.temp_root = temp_root
@@ -92,7 +101,10 @@ class SegmentationJob:
                 check_input_volume(self.volume_node)
             except InputVolumeError as e:
                 raise SegmentationError(str(e)) from e
-            self._model_path, _ = resolve_model(self.options.model)  # refuses what is not a model
+            if self._engine_picks_model():
+                self._model_path = None
+            else:
+                self._model_path, _ = resolve_model(self.options.model)  # refuses what is not a model
             self.temp_dir = Path(tempfile.mkdtemp(prefix="SynthSegMONAI-", dir=self.temp_root))
             input_path = self.temp_dir / "input.nii.gz"
             export_volume(self.volume_node, input_path)
@@ -102,21 +114,42 @@ class SegmentationJob:
             self._fail(str(e) if isinstance(e, SegmentationError) else f"{type(e).__name__}: {e}")
             raise SegmentationError(self.error) from e
         self.state = JobState.SEGMENTING
-        self._emit_log(f"Segmenting '{self.volume_node.GetName()}' with model {self._model_path.name}")
+        self._emit_log(f"Segmenting '{self.volume_node.GetName()}' with model {self.model_name}")
         self._emit_progress(0.0, "starting")
+
+    def _engine_picks_model(self) -> bool:
+        """The robust model without a model chosen: the engine finds its robust model itself."""
+        return self.options.robust and not self.options.model
+
+    @property
+    def model_name(self) -> str:
+        """File name of the model run, or what the engine picks."""
+        if self._model_path is not None:
+            return self._model_path.name
+        return "SynthSeg robust (engine's default)" if self.options.robust else "default"
+
+    @property
+    def qc_path(self) -> Path | None:
+        """The QC CSV the engine writes (None when QC is not asked or before start)."""
+        return self.temp_dir / "qc.csv" if self.options.qc and self.temp_dir is not None else None
 
     def command(self, input_path: Path) -> list[str]:
         """The engine command line for ``input_path`` (outputs go next to it)."""
-        assert self.temp_dir is not None and self._model_path is not None
+        assert self.temp_dir is not None
+        assert self._model_path is not None or self._engine_picks_model()
         o = self.options
         cmd = [self.python, "-m", "SynthSegMONAILib.cli", "segment",
-               "--i", str(input_path), "--o", str(self.temp_dir / "seg.nii.gz"),
-               "--model", str(self._model_path),
-               "--device", o.device, "--output-grid", o.output_grid, "--progress-lines"]
+               "--i", str(input_path), "--o", str(self.temp_dir / "seg.nii.gz")]
+        if self._model_path is not None:
+            cmd += ["--model", str(self._model_path)]
+        cmd += ["--device", o.device, "--output-grid", o.output_grid, "--progress-lines"]
         if o.fast:
             cmd.append("--fast")
         if o.threads > 0:
             cmd += ["--threads", str(o.threads)]
+        cmd += o.engine_flags()
+        if self.qc_path is not None:
+            cmd += ["--qc", str(self.qc_path)]
         return cmd
 
     def _environment(self) -> dict[str, str]:
@@ -219,7 +252,7 @@ class SegmentationJob:
     def _import_results(self) -> SegmentationResult:
         import nibabel as nib
 
-        assert self.temp_dir is not None and self._model_path is not None
+        assert self.temp_dir is not None
         if not self._results:
             raise ValueError("the engine reported no result")
         line = self._results[-1]
@@ -229,23 +262,47 @@ class SegmentationJob:
             labels = labels[..., 0]
         labels = np.rint(labels).astype(np.int16)
         report = volume_report(line.labels, line.volumes_mm3, line.total_intracranial_mm3)
+        qc_scores = self._qc_scores(line)
         name = self.volume_node.GetName()
         created_seg = self.segmentation_node is None
         seg = import_labelmap(self.scene, labels, np.asarray(seg_img.affine), f"{name} SynthSeg",
                               reference_volume=self.volume_node,
                               segmentation_node=self.segmentation_node)
+        created_table = self.table_node is None
+        created_qc = self.qc_table_node is None
+        table = qc_table = None
         try:
             table = fill_table(self.scene, report, f"{name} SynthSeg volumes", self.table_node)
+            if qc_scores is not None:
+                qc_table = fill_qc_table(self.scene, qc_scores, f"{name} SynthSeg QC", self.qc_table_node)
         except Exception:
-            if created_seg:
-                self.scene.RemoveNode(seg)
+            for node, created in ((seg, created_seg), (table, created_table), (qc_table, created_qc)):
+                if created and node is not None:
+                    self.scene.RemoveNode(node)
             raise
-        seg.SetAttribute("SynthSegMONAI.Model", self._model_path.name)
-        table.SetAttribute("SynthSegMONAI.Model", self._model_path.name)
-        place_in_subject_hierarchy(self.scene, seg, self.volume_node)
-        place_in_subject_hierarchy(self.scene, table, self.volume_node)
+        flags = " ".join(self.options.engine_flags() + (["--qc"] if self.options.qc else []))
+        for node in (seg, table, qc_table):
+            if node is not None:
+                node.SetAttribute("SynthSegMONAI.Model", self.model_name)
+                node.SetAttribute("SynthSegMONAI.Options", flags)
+                place_in_subject_hierarchy(self.scene, node, self.volume_node)
         self.segmentation_node, self.table_node = seg, table
-        return SegmentationResult(seg, table, report, self._model_path, list(self.log))
+        if qc_table is not None:
+            self.qc_table_node = qc_table
+        return SegmentationResult(seg, table, report, self._model_path, list(self.log),
+                                  qc_table_node=qc_table, qc_scores=qc_scores)
+
+    def _qc_scores(self, line: ResultLine) -> dict[str, float] | None:
+        """QC scores of the result line, else of the QC CSV; None when QC was not asked."""
+        if not self.options.qc:
+            return None
+        if line.qc:
+            return dict(line.qc)
+        path = self.qc_path
+        if path is not None and path.is_file():
+            return read_qc_csv(path)
+        self._emit_log("warning: quality control was asked but the engine reported no QC scores")
+        return None
 
     # --- helpers -------------------------------------------------------------------------
     def _fail(self, message: str) -> None:

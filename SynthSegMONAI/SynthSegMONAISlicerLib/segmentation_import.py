@@ -4,7 +4,9 @@ Each segment keeps the FreeSurfer label value (``segment.GetLabelValue()``), is 
 the FreeSurfer name, coloured with the FreeSurfer colour, and carries a terminology entry:
 the SNOMED CT code of the DICOM master list, with a laterality modifier where the master list
 defines one for that structure, else an entry of the module's own terminology file
-(``Resources/SynthSegMONAI.term.json``).
+(``Resources/SynthSegMONAI.term.json``). Cortical parcels (``--parc``, labels 1001-2035) get
+FreeSurfer's ``ctx-lh-*``/``ctx-rh-*`` names and colours and an entry of the module's own
+terminology whose anatomic region is the cerebral cortex of their side (:mod:`.parcellation`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ import vtk
 
 from SynthSegMONAILib import labels as label_table
 
+from . import parcellation
+
 DICOM_CONTEXT = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 CUSTOM_CONTEXT = "Segmentation category and type - SynthSegMONAI"
 CUSTOM_SCHEME = "99SYNTHSEG"
 ANATOMICAL_STRUCTURE = "SCT^123037004^Anatomical Structure"
 LATERALITY_CODES = {"Left": "SCT^7771000^Left", "Right": "SCT^24028007^Right"}
+# Anatomic region of the cortical parcels (in the DICOM master list of anatomic regions, with
+# Left/Right modifiers).
+CEREBRAL_CORTEX_REGION = "SCT^40146001^Cerebral cortex"
 # Types that the DICOM master list defines without any modifier: their left and right
 # segments get no laterality (Slicer would not find the entry otherwise). Checked against
 # the master list by the tests.
@@ -40,8 +47,20 @@ CUSTOM_CODES = {
 }
 
 
+def parcel_terminology_entry(label: int) -> str:
+    """Terminology entry of a cortical parcel: the region's type in the module's terminology
+    with the side as modifier, and the cerebral cortex of that side as anatomic region."""
+    p = parcellation.parcel(label)
+    side = LATERALITY_CODES[p.laterality]
+    type_code = f"{CUSTOM_SCHEME}^{p.region.code}^{p.region.code_meaning}"
+    return (f"{CUSTOM_CONTEXT}~{ANATOMICAL_STRUCTURE}~{type_code}~{side}~{ANATOMIC_CONTEXT}"
+            f"~{CEREBRAL_CORTEX_REGION}~{side}")
+
+
 def terminology_entry(label: int) -> str:
-    """Slicer terminology entry string of a SynthSeg label ('' for unknown labels)."""
+    """Slicer terminology entry string of a SynthSeg label or cortical parcel ('' for unknown labels)."""
+    if parcellation.is_parcel(label):
+        return parcel_terminology_entry(label)
     try:
         s = label_table.structure(label)
     except KeyError:
@@ -60,7 +79,9 @@ def terminology_entry(label: int) -> str:
 
 
 def segment_name(label: int) -> str:
-    """Segment name: the FreeSurfer name, or ``Label <n>`` outside the SynthSeg table."""
+    """Segment name: the FreeSurfer name, or ``Label <n>`` outside the SynthSeg table and parcels."""
+    if parcellation.is_parcel(label):
+        return parcellation.parcel(label).name
     try:
         return label_table.structure(label).freesurfer_name
     except KeyError:
@@ -68,7 +89,9 @@ def segment_name(label: int) -> str:
 
 
 def segment_color(label: int) -> tuple[float, float, float]:
-    """FreeSurfer colour (0..1), grey outside the SynthSeg table."""
+    """FreeSurfer colour (0..1), grey outside the SynthSeg table and parcels."""
+    if parcellation.is_parcel(label):
+        return tuple(c / 255.0 for c in parcellation.parcel(label).color)
     try:
         return tuple(c / 255.0 for c in label_table.structure(label).color)
     except KeyError:

@@ -2,7 +2,9 @@
 
 The engine's result line gives the soft volumes in mm^3 of the model's structures (the
 numbers of SynthSeg's ``--vol`` CSV), each with its label value, and the total intracranial
-volume when the model segments CSF.
+volume when the model segments CSF. With ``--parc`` the labels also hold the cortical parcels
+(FreeSurfer's 1000s/2000s), listed by their FreeSurfer names (``ctx-lh-*``, ``ctx-rh-*``), which
+are also SynthSeg's names for them in the CSV.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import vtk
 
 from SynthSegMONAILib import labels as label_table
+
+from . import parcellation
 
 TIV_HEADER = "total intracranial"
 TIV_ATTRIBUTE = "SynthSegMONAI.TotalIntracranialVolume_mm3"
@@ -45,7 +49,8 @@ def volume_report(labels: list[int], volumes_mm3: list[float],
     structure_labels = [lab for lab in labels if lab != 0]
     if len(structure_labels) != len(volumes_mm3):
         raise ValueError(f"{len(volumes_mm3)} volumes for a model with {len(structure_labels)} structures")
-    names = label_table.csv_names(structure_labels)
+    names = [parcellation.parcel(lab).name if parcellation.is_parcel(lab) else label_table.csv_names([lab])[0]
+             for lab in structure_labels]
     structures = [StructureVolume(lab, _freesurfer_name(lab), name, float(v))
                   for lab, name, v in zip(structure_labels, names, volumes_mm3, strict=True)]
     tiv = None if total_intracranial_mm3 is None else float(total_intracranial_mm3)
@@ -53,6 +58,8 @@ def volume_report(labels: list[int], volumes_mm3: list[float],
 
 
 def _freesurfer_name(label: int) -> str:
+    if parcellation.is_parcel(label):
+        return parcellation.parcel(label).name
     try:
         return label_table.structure(label).freesurfer_name
     except KeyError:

@@ -197,13 +197,16 @@ def test_terminology_entries():
 
 
 def test_custom_terminology_file_declares_every_private_code():
+    from SynthSegMONAISlicerLib.parcellation import REGIONS
     from SynthSegMONAISlicerLib.segmentation_import import CUSTOM_CODES, CUSTOM_CONTEXT, CUSTOM_SCHEME
 
     doc = json.loads((models_dir() / "Resources" / "SynthSegMONAI.term.json").read_text())
     assert doc["SegmentationCategoryTypeContextName"] == CUSTOM_CONTEXT
     types = doc["SegmentationCodes"]["Category"][0]["Type"]
     declared = {(t["CodingSchemeDesignator"], t["CodeValue"], t["CodeMeaning"]) for t in types}
-    assert declared == {(CUSTOM_SCHEME, v, k) for k, v in CUSTOM_CODES.items()}
+    # the label table's structures without a master list code, and the cortical parcels' regions
+    assert declared == {(CUSTOM_SCHEME, v, k) for k, v in CUSTOM_CODES.items()} | \
+        {(CUSTOM_SCHEME, r.code, r.code_meaning) for r in REGIONS}
     missing = {s.snomed_meaning for s in label_table.all_structures() if s.label and not s.snomed_code}
     assert missing == set(CUSTOM_CODES)
 
