@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .errors import OutputPathError, SynthSegError
 from .labels import structure
-from .model_file import ModelInfo, read_model_info
+from .model_file import ModelInfo, check_role, read_model_info
 from .output_files import apply_umask
 from .resource_files import resource_path
 
@@ -258,6 +258,7 @@ def export_bundle(model: str | os.PathLike, output_dir: str | os.PathLike) -> Pa
     """Write the bundle folder for ``model`` (a verified model file); refuses a non-empty folder."""
     model = Path(model)
     info = read_model_info(model)
+    check_role(model, info, "segmentation")  # the bundle runs the plain pipeline
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise OutputPathError(f"{out} exists and is not empty: give a new folder for the bundle")

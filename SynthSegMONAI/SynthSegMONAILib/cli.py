@@ -2,6 +2,7 @@
 
     synthseg-monai --i scan.nii.gz --o seg.nii.gz [--vol volumes.csv] ...   (segment)
     synthseg-monai import-keras synthseg_2.0.h5 -o synthseg_2.0.safetensors
+    synthseg-monai import-freesurfer $FREESURFER_HOME   (every SynthSeg network FreeSurfer ships)
     synthseg-monai models
     synthseg-monai export-bundle --model MODEL --output-dir BUNDLE
     synthseg-monai evaluate --seg SEG --ref REF [--ref-format aseg|labels] [--csv dice.csv]
@@ -24,7 +25,7 @@ from .errors import SynthSegError
 from .protocol import ResultLine
 from .volume_io import image_suffix, list_images
 
-SUBCOMMANDS = ("segment", "import-keras", "models", "evaluate", "export-bundle")
+SUBCOMMANDS = ("segment", "import-keras", "import-freesurfer", "models", "evaluate", "export-bundle")
 SUBCOMMAND_GROUP = "synthseg_monai.subcommands"  #: entry points: name -> function(argv) -> exit code
 
 CITATION = (
@@ -61,6 +62,25 @@ def segment_parser() -> argparse.ArgumentParser:
     p.add_argument("--slab-memory", type=int, default=None, metavar="MB",
                    help="memory for one slab of network temporaries (default: 256 on the CPU, "
                         "an eighth of the GPU's memory up to 8192 on a GPU)")
+    p.add_argument("--no-auto-crop", action="store_true",
+                   help="run the network on the whole padded volume, as SynthSeg (default: on the head's "
+                        "bounding box plus a margin only; ignored with --crop)")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="the network's arithmetic: float32 (default, exact), bfloat16 (about twice as fast "
+                        "where the CPU or GPU has native bf16; refused elsewhere), auto (bfloat16 where native)")
+    g = p.add_argument_group(
+        "SynthSeg 2.0 options",
+        "As SynthSeg_predict; they need SynthSeg 2.0's networks, installed by synthseg-monai import-freesurfer "
+        "$FREESURFER_HOME (the parcellation and QC networks are looked for beside the segmentation model, then "
+        "among the installed models). They run SynthSeg's exact geometry: the network sees the whole padded "
+        "volume, as with --no-auto-crop.")
+    g.add_argument("--parc", action="store_true",
+                   help="cortical parcellation: the cortex (labels 3, 42) gets the 68 parcels' labels "
+                        "(1001-1035, 2001-2035) in the segmentation, and their volumes follow in the CSV")
+    g.add_argument("--robust", action="store_true",
+                   help="SynthSeg-robust 2.0 (for clinical scans: low resolution, low contrast); implies --fast")
+    g.add_argument("--qc", metavar="FILE", help="CSV file of quality-control scores (one row per image)")
+    g.add_argument("--ct", action="store_true", help="CT scans: clip intensities to [0, 80] before normalising")
     return p
 
 
@@ -90,11 +110,17 @@ def run_segment(argv: list[str]) -> int:
     from .output_files import check_distinct
     from .pipeline import Outputs, Segmenter
     from .progress import Progress
+    from .synthseg2_pipeline import ROBUST_CITATION, Options, SynthSeg2Segmenter, robust_model, write_qc_csv
     from .volumes import write_volumes_csv
 
     args = segment_parser().parse_args(argv)
     inp = Path(args.i).expanduser()
     vol = _csv_path(args.vol)
+    options = Options(parc=args.parc, robust=args.robust, qc=args.qc is not None, ct=args.ct)
+    if args.qc is not None and not args.qc.endswith(".csv"):
+        print("path_qc_scores provided without csv extension. Adding csv extension.", flush=True)
+    qc_csv = _csv_path(args.qc)
+    fast = args.fast or args.robust  # as SynthSeg_predict: --robust forces --fast
 
     def outputs_of(image: Path) -> Outputs:
         return Outputs(segmentation=_output_name(image, args.o, "synthseg", folder_mode),
@@ -104,7 +130,7 @@ def run_segment(argv: list[str]) -> int:
     def check_outputs(image: Path) -> None:
         out = outputs_of(image)
         check_distinct([image], {"o": out.segmentation, "post": out.posteriors, "resample": out.resampled,
-                                 "vol": vol})
+                                 "vol": vol, "qc": qc_csv})
 
     try:
         if inp.is_dir():
@@ -114,33 +140,43 @@ def run_segment(argv: list[str]) -> int:
             folder_mode = True
             if image_suffix(args.o):
                 raise SynthSegError("--o must be a folder when --i is a folder")
-            if vol is not None:
-                check_distinct(images, {"vol": vol})
+            if vol is not None or qc_csv is not None:
+                check_distinct(images, {"vol": vol, "qc": qc_csv})
         else:
             if not inp.exists():
                 raise SynthSegError(f"{inp}: file not found")
             images, folder_mode = [inp], False
             check_outputs(inp)
-        model_path = resolve_model(args.model, v1=args.v1)
+        if args.v1 and (args.robust or args.parc or args.qc):
+            raise SynthSegError("--robust, --parc and --qc come with SynthSeg 2.0: they cannot be used with --v1")
+        model_path = robust_model(args.model) if args.robust else resolve_model(args.model, v1=args.v1)
         device = "cpu" if args.cpu else args.device
         print(f"SynthSeg-MONAI {__version__}: loading {model_path.name}", flush=True)
-        segmenter = Segmenter(model_path, device=device, threads=args.threads,
-                              slab_budget_mb=args.slab_memory)
+        if options.any:
+            segmenter = SynthSeg2Segmenter(model_path, options, device=device, threads=args.threads,
+                                           slab_budget_mb=args.slab_memory, precision=args.precision)
+        else:
+            segmenter = Segmenter(model_path, device=device, threads=args.threads,
+                                  slab_budget_mb=args.slab_memory, precision=args.precision)
     except (SynthSegError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    mode = f"SynthSeg {segmenter.info.synthseg_version or segmenter.info.name}" + (" (fast)" if args.fast else "")
+    if args.robust:
+        mode = "SynthSeg-robust 2.0"
+    else:
+        mode = f"SynthSeg {segmenter.info.synthseg_version or segmenter.info.name}" + (" (fast)" if fast else "")
     print(f"{mode} on {segmenter.device}, {__import__('torch').get_num_threads()} threads", flush=True)
     progress = Progress(len(images), lines=args.progress_lines)
-    rows, failures = [], 0
+    rows, qc_rows, failures = [], [], 0
     for k, image in enumerate(images):
         progress.start_image(k)
         outputs = outputs_of(image)
         t0 = time.perf_counter()
         try:
             check_outputs(image)
-            result = segmenter.segment(image, outputs, fast=args.fast, crop=args.crop,
-                                       output_grid=args.output_grid, progress=progress, channel=args.channel)
+            result = segmenter.segment(image, outputs, fast=fast, crop=args.crop,
+                                       output_grid=args.output_grid, progress=progress, channel=args.channel,
+                                       auto_crop=not args.no_auto_crop)
         except (SynthSegError, MemoryError, RuntimeError) as e:
             failures += 1
             message = str(e) if isinstance(e, SynthSegError) else f"{image}: {type(e).__name__}: {e}"
@@ -148,19 +184,28 @@ def run_segment(argv: list[str]) -> int:
             progress.error({"input": str(image), "message": message})
             continue
         rows.append(result.volume_row)
+        if result.qc is not None:
+            qc_rows.append([result.volume_row[0], *segmenter.qc_row()])
         progress.result(_result_line(image, result, time.perf_counter() - t0).payload())
         for line in _written_lines(result, outputs, time.perf_counter() - t0):
             progress.message(line, error=line.startswith("warning"))
     progress.close()
     if vol is not None and rows:
         try:
-            write_volumes_csv(vol, segmenter.labels, rows)
+            write_volumes_csv(vol, getattr(segmenter, "volume_labels", segmenter.labels), rows)
             print(f"volumes saved in: {vol}", flush=True)
         except SynthSegError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+    if qc_csv is not None and qc_rows:
+        try:
+            write_qc_csv(qc_csv, qc_rows)
+            print(f"QC scores saved in: {qc_csv}", flush=True)
+        except SynthSegError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if rows:
-        print("\n" + CITATION, flush=True)
+        print("\n" + (ROBUST_CITATION if args.robust else CITATION), flush=True)
     return 1 if failures else 0
 
 
@@ -174,7 +219,7 @@ def _result_line(image: Path, result, seconds: float) -> ResultLine:
                       posteriors=written.get("posteriors"), resampled=written.get("resampled"),
                       labels=[int(v) for v in result.labels[1:]], volumes_mm3=volumes,
                       total_intracranial_mm3=total, empty=bool(result.empty), seconds=round(seconds, 2),
-                      timings={k: round(v, 3) for k, v in result.timings.items()})
+                      timings={k: round(v, 3) for k, v in result.timings.items()}, qc=result.qc)
 
 
 def _written_lines(result, outputs, seconds: float) -> list[str]:
@@ -196,21 +241,52 @@ def _written_lines(result, outputs, seconds: float) -> list[str]:
 
 def run_import_keras(argv: list[str]) -> int:
     """``import-keras``: official SynthSeg .h5 -> model file."""
-    from .keras_import import import_keras
+    from .keras_import_synthseg2 import import_keras_any
 
     p = argparse.ArgumentParser(prog="synthseg-monai import-keras",
                                 description="Convert an official SynthSeg Keras .h5 file into a "
-                                            "SynthSeg-MONAI model file (.safetensors).")
+                                            "SynthSeg-MONAI model file (.safetensors): a segmentation network "
+                                            "(synthseg_2.0.h5, synthseg_1.0.h5) or SynthSeg 2.0's robust, "
+                                            "parcellation or QC network (told apart by their layer names).")
     p.add_argument("h5", help="e.g. $FREESURFER_HOME/models/synthseg_2.0.h5")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--name", help="model name stored in the file (default: the .h5 name)")
     args = p.parse_args(argv)
     try:
-        out = import_keras(args.h5, args.output, name=args.name)
+        out = import_keras_any(args.h5, args.output, name=args.name)
     except SynthSegError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"model saved in: {out}")
+    return 0
+
+
+def run_import_freesurfer(argv: list[str]) -> int:
+    """``import-freesurfer``: every official SynthSeg .h5 of a FreeSurfer install -> installed models."""
+    import os
+
+    from .keras_import_synthseg2 import FREESURFER_FILES, import_freesurfer
+    from .model_registry import user_model_dir
+
+    p = argparse.ArgumentParser(prog="synthseg-monai import-freesurfer",
+                                description="Convert the SynthSeg networks FreeSurfer 7.3+ ships ("
+                                            + ", ".join(FREESURFER_FILES) + ", those found) into installed "
+                                            "models of the same names, so that --robust, --parc, --qc and "
+                                            "--v1 find them.")
+    p.add_argument("folder", nargs="?", default=os.environ.get("FREESURFER_HOME"),
+                   help="FreeSurfer's home or its models folder (default: $FREESURFER_HOME)")
+    p.add_argument("--output-dir", default=None, help=f"where to install them (default: {user_model_dir()})")
+    args = p.parse_args(argv)
+    if not args.folder:
+        print("error: give FreeSurfer's folder (FREESURFER_HOME is not set)", file=sys.stderr)
+        return 1
+    try:
+        written = import_freesurfer(args.folder, args.output_dir or user_model_dir())
+    except SynthSegError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"model saved in: {path}")
     return 0
 
 
@@ -226,7 +302,9 @@ def run_models(argv: list[str]) -> int:
     for m in available_models():
         try:
             info = describe(m.path)
-            print(f"{m.name}\t{len(info.labels)} labels\t{info.description}\t{m.path}")
+            what = f"{len(info.labels)} labels" if info.role != "qc" else "9 QC scores"
+            role = "" if info.role == "segmentation" else f" ({info.role})"
+            print(f"{m.name}\t{what}{role}\t{info.description}\t{m.path}")
         except SynthSegError as e:
             print(f"{m.name}\tINVALID: {e}")
     return 0
@@ -333,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
               "segmentation needs no subcommand: synthseg-monai --i IN --o OUT)", file=sys.stderr)
         return 2
     command = argv.pop(0) if argv[0] in SUBCOMMANDS else "segment"
-    handlers = {"segment": run_segment, "import-keras": run_import_keras, "models": run_models,
+    handlers = {"segment": run_segment, "import-keras": run_import_keras, "import-freesurfer": run_import_freesurfer,
+                "models": run_models,
                 "evaluate": run_evaluate, "export-bundle": run_export_bundle}
     from .interruption import Interrupted, signals_as_exceptions
 

@@ -17,15 +17,26 @@ it leaves just before their posteriors arrive (recomputed in the flip pass, wher
 buffer is full).
 
 The decoder convolutions see ``[skip, upsample(lower)]``; the upsampled half is never
-built: a 3x3x3 convolution of a x2 nearest-neighbour upsampling equals, for each of the 8
-output parities, a 2x2x2 convolution of the low-resolution volume with summed weights,
-which costs 8/27 of the full-resolution convolution.
+built: a KxKxK convolution of a x2 nearest-neighbour upsampling equals a stride-2 transposed
+convolution of the low-resolution volume with (K+1)^3 summed weights, which costs 8/27 of the
+full-resolution convolution (for K = 3) and writes its output in place, parities interleaved.
+
+The posterior buffer is laid out voxel by voxel, channels innermost ((X, Y, Z, C), the
+channels-last layout of the convolutions): slabs are written into it, and the top skip
+connection kept in it, by plain copies. The posterior smoothing is linear and commutes with
+the left-right flip (its kernel is symmetric), so with flip averaging it is applied once, to
+the averaged posteriors, instead of once per pass.
+
+``dtype=torch.bfloat16`` runs the convolutions, and keeps their activations, in bfloat16
+(for CPUs with native bf16 instructions, and GPUs); the head, softmax and smoothing stay in
+float32, and the posteriors are stored in float16 (half the memory of the largest buffer;
+the top skip connection, bfloat16 then, still fits in it). The default, float32 throughout,
+is exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from itertools import product
 
 import numpy as np
 import torch
@@ -47,47 +58,45 @@ def gaussian_kernel_3d(sigma: float) -> torch.Tensor:
     return torch.from_numpy((g / g.sum()).astype(np.float32))
 
 
-def _parity_offsets(halo: int) -> tuple[int, int, int]:
-    """For a kernel of half-width ``halo`` seen through x2 nearest upsampling: the number
-    of low-resolution taps per axis, the first tap's offset for even outputs, and how much
-    later odd outputs' windows start."""
-    first_even, first_odd = (-halo) // 2, (1 - halo) // 2
-    return halo + 1, first_even, first_odd - first_even
+def upsampling_deconv_weights(weight: torch.Tensor) -> torch.Tensor:
+    """Weights that apply ``weight`` (O, I, K, K, K) to the x2 nearest-neighbour upsampling of a
+    volume as a stride-2 transposed convolution of the volume itself (padding K // 2).
 
-
-def upsampling_conv_weights(weight: torch.Tensor) -> torch.Tensor:
-    """Weights that apply ``weight`` (O, I, K, K, K) to the x2 nearest-neighbour upsampling
-    of a volume by convolving the volume itself.
-
-    Returns (8 * O, I, T, T, T) weights, T = K // 2 + 1, one block of O per output parity
-    (px, py, pz) in ``itertools.product((0, 1), repeat=3)`` order.
+    Returns (I, O, K + 1, K + 1, K + 1) weights: along each axis, tap ``t`` of the kernel reaches
+    the low-resolution sample of output ``o`` through transposed taps ``2h - t`` and ``2h - t + 1``
+    (``h = K // 2``), one for each parity of ``o``.
     """
     k = weight.shape[-1]
     h = k // 2
-    taps, _, _ = _parity_offsets(h)
-    combine = []
-    for p in (0, 1):
-        first = (p - h) // 2
-        a = torch.zeros(taps, k, dtype=weight.dtype, device=weight.device)
-        for j in range(k):
-            a[(p + j - h) // 2 - first, j] = 1
-        combine.append(a)
-    blocks = [torch.einsum("au,bv,cw,oiuvw->oiabc", combine[px], combine[py], combine[pz], weight)
-              for px, py, pz in product((0, 1), repeat=3)]
-    return torch.cat(blocks, 0)
+    a = torch.zeros(k + 1, k, dtype=weight.dtype, device=weight.device)
+    for t in range(k):
+        a[2 * h - t, t] = 1
+        a[2 * h - t + 1, t] = 1
+    return torch.einsum("au,bv,cw,oiuvw->ioabc", a, a, a, weight)
 
 
 class SlabNetwork:
     """Evaluates a :class:`SynthSegUNet` in streamed slabs; see the module docstring.
 
     ``slab_budget_mb`` bounds the temporaries of one slab (it sets the slab thickness);
-    ``channels_last`` runs the convolutions in the channels-last layout, faster on CPUs.
+    ``channels_last`` runs the convolutions in the channels-last layout, faster on CPUs;
+    ``dtype`` is the convolutions' precision (float32, exact; or bfloat16), ``posterior_dtype``
+    the posteriors' storage (float32 or float16; by default float16 with bfloat16 only).
     The model's weights are read once, here: build a new one after changing them.
     """
 
-    def __init__(self, model: SynthSegUNet, slab_budget_mb: int = 256, channels_last: bool | None = None):
+    def __init__(self, model: SynthSegUNet, slab_budget_mb: int = 256, channels_last: bool | None = None,
+                 dtype: torch.dtype = torch.float32, posterior_dtype: torch.dtype | None = None):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the network runs in float32 or bfloat16, not {dtype}")
         self.model = model.eval()
         self.budget = slab_budget_mb * 2**20
+        self.dtype = dtype
+        #: the posteriors' storage: float32, or float16 (the default with bfloat16)
+        self.posterior_dtype = posterior_dtype or (torch.float16 if dtype == torch.bfloat16 else torch.float32)
+        #: called between the stages of a pass, when the temporaries of the one before are freed
+        #: (the pipeline hands freed memory back to the system there: :mod:`.allocator`)
+        self.between_stages: Callable[[], None] = lambda: None
         cfg = model.config
         self.halo = cfg.kernel_size // 2
         self.feats = cfg.level_features()
@@ -109,11 +118,16 @@ class SlabNetwork:
             self.head_bias = head.bias.detach() + w.flatten(1) @ shift
 
     def _weights(self, conv, split: int | None = None):
-        w = conv.weight.detach()
+        """(weight, bias, weight for the upsampled input or None) in the working layout and precision;
+        the upsampling weights are summed in float32 before any rounding."""
+        w = conv.weight.detach().float()
         up = None
         if split is not None:
-            w, up = w[:, :split], upsampling_conv_weights(w[:, split:]).contiguous(memory_format=self.layout)
-        return w.contiguous(memory_format=self.layout), conv.bias.detach(), up
+            w, up = w[:, :split], self._ready(upsampling_deconv_weights(w[:, split:]))
+        return self._ready(w), conv.bias.detach().to(self.dtype), up
+
+    def _ready(self, w: torch.Tensor) -> torch.Tensor:
+        return w.to(self.dtype).contiguous(memory_format=self.layout)
 
     # -- building blocks -------------------------------------------------------------
     def _conv(self, weights, window: torch.Tensor, olo: int, ohi: int,
@@ -133,47 +147,30 @@ class SlabNetwork:
 
     def _add_upsampled_conv(self, y: torch.Tensor, low: torch.Tensor, w_up: torch.Tensor,
                             olo: int, ohi: int) -> None:
-        """Add to ``y`` (rows [olo, ohi)) the conv of the x2 upsampling of ``low``."""
-        taps, first, odd_shift = _parity_offsets(self.halo)
-        m, ym, zm = low.shape[2:]
-        i0, i1 = olo // 2, (ohi + 1) // 2  # low rows whose children cover [olo, ohi)
-        r0, r1 = i0 + first, i1 + first + odd_shift + taps - 1
-        part = low[:, :, max(r0, 0): min(r1, m)]
-        yz_hi = first + odd_shift + taps - 1
-        part = F.pad(part, (-first, yz_hi, -first, yz_hi, max(0, -r0), max(0, r1 - m)))
-        z = F.conv3d(part, w_up)
-        cout = y.shape[1]
-        for k, (px, py, pz) in enumerate(product((0, 1), repeat=3)):
-            t0 = (px - olo) % 2  # first row of y with parity px
-            count = len(range(t0, ohi - olo, 2))
-            if count == 0:
-                continue
-            i_first = (olo + t0 - px) // 2
-            sx = i_first - i0 + (odd_shift if px else 0)
-            sy, sz = (odd_shift if py else 0), (odd_shift if pz else 0)
-            y[:, :, t0::2, py::2, pz::2] += z[:, k * cout:(k + 1) * cout, sx:sx + count, sy:sy + ym, sz:sz + zm]
+        """Add to ``y`` (rows [olo, ohi)) the conv of the x2 upsampling of ``low``, computed as a
+        transposed convolution of the rows of ``low`` that reach them (``w_up``:
+        :func:`upsampling_deconv_weights`)."""
+        h, m = self.halo, low.shape[2]
+        r0 = max((olo - h) // 2, 0)  # rows of `low` whose upsampled rows are in the windows of [olo, ohi)
+        r1 = min((ohi - 1 + h) // 2 + 1, m)
+        z = F.conv_transpose3d(low[:, :, r0:r1], w_up, stride=2, padding=(0, h, h))
+        first = 2 * r0 - h  # the row of `y`'s volume that z's first row is
+        y += z[:, :, olo - first: ohi - first]
 
     def _posteriors_of(self, f: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
-        """Softmax of the head's output for the top decoder's slab ``f`` (channels reordered
-        as ``channels`` when given: a free left-right label swap)."""
+        """Softmax, in float32, of the head's output for the top decoder's slab ``f`` (channels
+        reordered as ``channels`` when given: a free left-right label swap)."""
         w, b = self.head_weight, self.head_bias
         if channels is not None:
             w, b = w[channels], b[channels]
-        logits = F.conv3d(f, w, b)
+        logits = F.conv3d(f.float(), w, b)
         # softmax along the last axis is much faster than along a strided channel axis
         return torch.softmax(logits.movedim(1, -1), -1).movedim(-1, 1)
 
     @staticmethod
-    def _copy_rows(dst: torch.Tensor, src: torch.Tensor, add: bool = False, reverse: bool = False) -> None:
-        """dst[:, :, r] = src[:, :, r] (or +=; or into dst's rows in reverse order), row by
-        row: between memory layouts that is several times faster than one strided copy."""
-        n = dst.shape[2]
-        for r in range(n):
-            target = dst[:, :, n - 1 - r if reverse else r]
-            if add:
-                target.add_(src[:, :, r])
-            else:
-                target.copy_(src[:, :, r])
+    def _rows_xyzc(p: torch.Tensor) -> torch.Tensor:
+        """(1, C, R, Y, Z) slab as an (R, Y, Z, C) view (contiguous when ``p`` is channels-last)."""
+        return p[0].permute(1, 2, 3, 0)
 
     @staticmethod
     def _slabs(t: torch.Tensor, rows: int) -> Rows:
@@ -236,7 +233,7 @@ class SlabNetwork:
         for a in range(0, n, rows):
             b = min(a + rows, n)
             slab = x[:, :, n - b: n - a].flip(2) if flipped else x[:, :, a:b]
-            yield slab.contiguous(memory_format=self.layout)
+            yield slab.to(self.dtype).contiguous(memory_format=self.layout)
 
     @staticmethod
     def _rebatched(slabs: Rows, rows: int) -> Rows:
@@ -258,7 +255,7 @@ class SlabNetwork:
         pos = 0
         for slab in slabs:
             if store is not None:
-                self._copy_rows(store[:, :, pos:pos + slab.shape[2]], slab)
+                store[:, :, pos:pos + slab.shape[2]].copy_(slab)
             pos += slab.shape[2]
             on_rows(slab.shape[2])
             out = [slab]
@@ -281,18 +278,26 @@ class SlabNetwork:
                 del g
                 yield out.pop()
 
+    def _bottom(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck level (convolutions, ELU, BatchNorm) on its whole, small input."""
+        h = self.halo
+        for w, bias, _ in self.enc[-1]:
+            x = F.elu(F.conv3d(x, w, bias, padding=h), inplace=True)
+        return self.model.encoder[-1].bn(x)
+
     # -- one pass --------------------------------------------------------------------
     def _pass(self, x: torch.Tensor, flipped: bool, emit: Callable[[int, int, torch.Tensor], None],
-              sigma: float | None, progress: ProgressFn | None, skip0: torch.Tensor | None = None,
+              progress: ProgressFn | None, skip0: torch.Tensor | None = None,
               channels: torch.Tensor | None = None) -> None:
         """Run the network on ``x`` (1, 1, X, Y, Z), or on ``x`` flipped along X;
-        emit(a, b, posteriors[a:b]) per slab, in order, channels reordered as ``channels``.
+        emit(a, b, posteriors[a:b]) per slab, in order, channels reordered as ``channels``
+        (unsmoothed softmax, float32).
 
         ``skip0``, when given, is a (1, F, X, Y, Z) buffer for the top level's skip
         connection, which is then stored instead of recomputed. It may be the posterior
         buffer itself: its rows are read before their posteriors are emitted.
         """
-        model, feats = self.model, self.feats
+        model, feats, dtype = self.model, self.feats, self.dtype
         levels = len(model.encoder)
         size = [[s // 2**i for s in x.shape[2:]] for i in range(levels)]
         cross = [s[1] * s[2] for s in size]
@@ -313,14 +318,14 @@ class SlabNetwork:
             level, n = model.encoder[i], size[i][0]
             if i > 0:
                 stream = self._rebatched(stream, self._rows_for(4 * feats[i], cross[i]))
-                skips[i] = torch.empty((1, feats[i], *size[i]), dtype=x.dtype, device=x.device
-                                       ).contiguous(memory_format=self.layout)
+                skips[i] = torch.empty((1, feats[i], *size[i]), dtype=dtype, device=x.device,
+                                       memory_format=self.layout)
             stream = self._conv_stream(stream, n, self.enc[i])
             stream = self._stored(stream, skips[i] if i > 0 else skip0,
                                   lambda rows, i=i, n=n: advance(work[i] * rows / n))
             stream = self._pooled(stream, level.bn)
-        bottom = model.encoder[levels - 1]
-        low = bottom.bn(bottom.features(torch.cat(list(stream), 2)))
+        low = self._bottom(torch.cat(list(stream), 2))
+        self.between_stages()
         advance(work[-1])
         for i in range(levels - 2, 0, -1):  # decoder below the top: output replaces the skip
             level, n, skip = model.decoder[i], size[i][0], skips[i]
@@ -333,16 +338,17 @@ class SlabNetwork:
                 advance(work[i] * f.shape[2] / n)
                 del f
             skips[i], low = None, skip
-        # top level: the level-0 skip (stored or recomputed), decode, head, softmax, smoothing
+            self.between_stages()
+        # top level: the level-0 skip (stored or recomputed), decode, head, softmax
         n = size[0][0]
         n_out = model.config.out_channels
         rows = self._rows_for(max(6 * feats[0], 4 * n_out), cross[0])
         if skip0 is not None:
             def stored_skip0() -> Rows:
                 for a in range(0, n, rows):
-                    slab = torch.empty((1, feats[0], min(rows, n - a), *size[0][1:]), dtype=x.dtype,
-                                       device=x.device).contiguous(memory_format=self.layout)
-                    self._copy_rows(slab, skip0[:, :, a:a + rows])
+                    slab = torch.empty((1, feats[0], min(rows, n - a), *size[0][1:]), dtype=dtype,
+                                       device=x.device, memory_format=self.layout)
+                    slab.copy_(skip0[:, :, a:a + rows])
                     yield slab
                     del slab
 
@@ -353,12 +359,6 @@ class SlabNetwork:
             top_work = 2 * work[0]
         stream = self._conv_stream(stream, n, self.dec[0], low,
                                    then=lambda f: self._posteriors_of(f, channels))
-        if sigma:
-            kernel = gaussian_kernel_3d(sigma).to(x.device, x.dtype)
-            h = kernel.shape[0] // 2
-            w = kernel[None, None].expand(n_out, 1, *kernel.shape).contiguous(memory_format=self.layout)
-            stream = self._stream(stream, n, h,
-                                  lambda win, lo, hi: F.conv3d(win, w, groups=n_out, padding=(0, h, h)))
         pos = 0
         for p in stream:
             emit(pos, pos + p.shape[2], p)
@@ -366,32 +366,66 @@ class SlabNetwork:
             advance(top_work * p.shape[2] / n)
             del p
 
+    def _smooth(self, out: torch.Tensor, sigma: float) -> None:
+        """SynthSeg's Gaussian smoothing of the (X, Y, Z, C) posteriors, in place, slab by slab
+        (zero padding at the borders; computed in float32)."""
+        n, n_out = out.shape[0], out.shape[-1]
+        kernel = gaussian_kernel_3d(sigma).to(out.device)
+        h = kernel.shape[0] // 2
+        w = kernel[None, None].expand(n_out, 1, *kernel.shape).contiguous(memory_format=self.layout)
+        rows = max(self._rows_for(2 * n_out, out.shape[1] * out.shape[2]), h)
+        before = out.new_zeros((h, *out.shape[1:]))  # the unsmoothed rows above the slab
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            below = out[b: b + h]
+            pad = out.new_zeros((h - below.shape[0], *out.shape[1:]))
+            window = torch.cat([before, out[a:b], below, pad], 0)
+            before = window[b - a: b - a + h].clone()
+            window = window.permute(3, 0, 1, 2)[None].to(torch.float32, memory_format=self.layout)
+            y = F.conv3d(window, w, groups=n_out, padding=(0, h, h))
+            out[a:b].copy_(self._rows_xyzc(y))
+            del window, y
+
     @torch.no_grad()
     def posteriors(self, volume: torch.Tensor, sigma: float | None = 0.5,
                    flip_indices: np.ndarray | None = None, progress: ProgressFn | None = None
                    ) -> torch.Tensor:
-        """Smoothed posteriors (C, X, Y, Z) of a padded volume (X, Y, Z), flip-averaged if asked."""
+        """Smoothed posteriors (C, X, Y, Z) of a padded volume (X, Y, Z), flip-averaged if asked,
+        in :attr:`posterior_dtype`.
+
+        The result is a view of a buffer laid out (X, Y, Z, C): ``.permute(1, 2, 3, 0)`` is contiguous.
+        """
         x = volume[None, None]
         n_out = self.model.config.out_channels
         n = volume.shape[0]
-        out = torch.empty((n_out, *volume.shape), dtype=volume.dtype, device=volume.device)
-        # the first pass keeps the top level's skip connection in the posterior buffer
-        skip0 = out[None, : self.feats[0]] if n_out >= self.feats[0] else None
+        self.between_stages()
+        out = torch.empty((*volume.shape, n_out), dtype=self.posterior_dtype, device=volume.device)
+        # the first pass keeps the top level's skip connection in the posterior buffer (as
+        # bfloat16 in a float16 buffer: same size), if it fits
+        skip0 = None
+        if n_out >= self.feats[0] and out.element_size() == torch.empty((), dtype=self.dtype).element_size():
+            skip0 = out.view(self.dtype).permute(3, 0, 1, 2)[None, : self.feats[0]]
         passes = 2 if flip_indices is not None else 1
 
         def stage_progress(k):
             return (lambda f: progress((k + f) / passes)) if progress else None
 
         def write_direct(a, b, p):
-            self._copy_rows(out[None, :, a:b], p)
+            out[a:b].copy_(self._rows_xyzc(p))
 
-        self._pass(x, False, write_direct, sigma, stage_progress(0), skip0=skip0)
+        self._pass(x, False, write_direct, stage_progress(0), skip0=skip0)
+        self.between_stages()
         if flip_indices is not None:
             idx = torch.as_tensor(np.asarray(flip_indices), device=volume.device)
 
             def add_flipped(a, b, p):  # rows come flipped, channels already swapped
-                self._copy_rows(out[None, :, n - b: n - a], p, add=True, reverse=True)
+                rows = self._rows_xyzc(p)
+                for r in range(b - a):
+                    out[n - 1 - a - r].add_(rows[r])
 
-            self._pass(x, True, add_flipped, sigma, stage_progress(1), channels=idx)
+            self._pass(x, True, add_flipped, stage_progress(1), channels=idx)
             out *= 0.5
-        return out
+        self.between_stages()
+        if sigma:
+            self._smooth(out, sigma)
+        return out.permute(3, 0, 1, 2)

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError
-from .keras_import import _weight_datasets
+from .keras_import import _sha256, _weight_datasets, import_keras
 from .memory_estimate import check_fits
-from .model_file import weight_problem
+from .model_file import ModelInfo, fixed_info, save_model, weight_problem
 from .network import SynthSegUNet
 from .synthseg2_networks import (
     DenoiserUNet,
@@ -152,5 +152,76 @@ def load_keras_qc(path: str | os.PathLike) -> QualityControlNet:
     return _load_into(path, QualityControlNet(), qc_keras_name, "SynthSeg 2.0 QC network")
 
 
-__all__ = ["DenoiserUNet", "load_keras_parcellation", "load_keras_qc", "load_keras_robust",
-           "qc_keras_name", "unet_keras_name"]
+#: role -> (architecture, loader, what it is)
+_KINDS = {"robust": ("synthseg-robust-2.0", load_keras_robust, "SynthSeg-robust 2.0 (three U-Nets)"),
+          "parcellation": ("synthseg-parc-2.0", load_keras_parcellation, "SynthSeg 2.0 cortical parcellation"),
+          "qc": ("synthseg-qc-2.0", load_keras_qc, "SynthSeg 2.0 quality control")}
+
+#: the official files FreeSurfer 7.3+ ships in ``$FREESURFER_HOME/models``, in import order
+FREESURFER_FILES = ("synthseg_2.0.h5", "synthseg_robust_2.0.h5", "synthseg_parc_2.0.h5", "synthseg_qc_2.0.h5",
+                    "synthseg_1.0.h5")
+
+
+def keras_network_kind(path: str | os.PathLike) -> str:
+    """Which SynthSeg network a Keras file holds, from its layer names alone: ``robust``
+    (``unet2_*``/``l2l_*``), ``parcellation`` (``unet_parc_*``), ``qc`` (``qc_*``) or
+    ``segmentation`` (anything else: the plain U-Net's ``unet_*``)."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"Keras file not found: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ModelFileError(f"{path} is not an HDF5 (Keras .h5) file: {e}") from e
+    with f:
+        names = set(_weight_datasets(f, path, keep=lambda name: True))
+    if any(n.startswith(("unet2_", "l2l_")) for n in names):
+        return "robust"
+    if any(n.startswith("unet_parc_") for n in names):
+        return "parcellation"
+    if any(n.startswith("qc_") for n in names):
+        return "qc"
+    return "segmentation"
+
+
+def import_keras_any(path: str | os.PathLike, output: str | os.PathLike, name: str | None = None) -> Path:
+    """Convert any official SynthSeg Keras file (segmentation, robust, parcellation or QC,
+    detected by :func:`keras_network_kind`) into a model file; returns the output path."""
+    path = Path(path)
+    kind = keras_network_kind(path)
+    if kind == "segmentation":
+        return import_keras(path, output, name=name)
+    architecture, loader, what = _KINDS[kind]
+    model = loader(path)
+    network, labels = fixed_info(architecture)
+    info = ModelInfo(network=network, labels=labels, name=name or path.stem,
+                     description=f"{what} network imported from {path.name}", synthseg_version="2.0",
+                     provenance={"origin": "keras-import", "source_file": path.name,
+                                 "source_sha256": _sha256(path)},
+                     architecture=architecture)
+    return save_model(output, model, info)
+
+
+def freesurfer_models_folder(folder: str | os.PathLike) -> Path:
+    """``FOLDER/models`` when ``folder`` is a FreeSurfer home, else ``folder`` itself."""
+    folder = Path(folder).expanduser()
+    return folder / "models" if (folder / "models").is_dir() else folder
+
+
+def import_freesurfer(folder: str | os.PathLike, output_dir: str | os.PathLike) -> list[Path]:
+    """Import every official SynthSeg file of :data:`FREESURFER_FILES` found in a FreeSurfer
+    models folder (or home) as ``<output_dir>/<name>.safetensors``; returns the files written."""
+    source = freesurfer_models_folder(folder)
+    found = [source / n for n in FREESURFER_FILES if (source / n).is_file()]
+    if not found:
+        raise ModelFileError(f"{source}: none of {', '.join(FREESURFER_FILES)} is there (FreeSurfer 7.3 or "
+                             "later ships them in $FREESURFER_HOME/models)")
+    out = Path(output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    return [import_keras_any(p, out / (p.name[: -len(".h5")] + ".safetensors")) for p in found]
+
+
+__all__ = ["DenoiserUNet", "FREESURFER_FILES", "import_freesurfer", "import_keras_any", "keras_network_kind",
+           "load_keras_parcellation", "load_keras_qc", "load_keras_robust", "qc_keras_name", "unet_keras_name"]

@@ -17,6 +17,19 @@ from .resource_files import resource_path
 
 LABEL_TABLE_NAME = "synthseg_labels.csv"
 
+#: Parcellation output labels in channel order (``synthseg_parcellation_labels.npy``, sorted).
+PARCELLATION_LABELS = (0, *(h + i for h in (1000, 2000) for i in range(1, 36) if i != 4))
+_PARC_REGIONS = ("bankssts", "caudalanteriorcingulate", "caudalmiddlefrontal", "cuneus", "entorhinal",
+                 "fusiform", "inferiorparietal", "inferiortemporal", "isthmuscingulate", "lateraloccipital",
+                 "lateralorbitofrontal", "lingual", "medialorbitofrontal", "middletemporal",
+                 "parahippocampal", "paracentral", "parsopercularis", "parsorbitalis", "parstriangularis",
+                 "pericalcarine", "postcentral", "posteriorcingulate", "precentral", "precuneus",
+                 "rostralanteriorcingulate", "rostralmiddlefrontal", "superiorfrontal", "superiorparietal",
+                 "superiortemporal", "supramarginal", "frontalpole", "temporalpole", "transversetemporal",
+                 "insula")
+#: Names of :data:`PARCELLATION_LABELS` (``synthseg_parcellation_names.npy``), as in the CSV.
+PARCELLATION_NAMES = ("Background", *(f"ctx-{h}-{r}" for h in ("lh", "rh") for r in _PARC_REGIONS))
+
 
 @dataclass(frozen=True)
 class Structure:
@@ -106,9 +119,11 @@ def topological_classes(labels: list[int]) -> np.ndarray:
 
 
 def csv_names(labels: list[int]) -> list[str]:
-    """Structure names as SynthSeg writes them in the ``--vol`` CSV header."""
+    """Structure names as SynthSeg writes them in the ``--vol`` CSV header (the parcels of
+    ``--parc`` by their ``ctx-lh-*``/``ctx-rh-*`` names)."""
     known = _known_labels()
-    return [structure(lab).synthseg_name if lab in known else f"label {lab}" for lab in labels]
+    parcels = dict(zip(PARCELLATION_LABELS, PARCELLATION_NAMES))
+    return [structure(lab).synthseg_name if lab in known else parcels.get(lab, f"label {lab}") for lab in labels]
 
 
 def check_label_list(labels: list[int]) -> None:

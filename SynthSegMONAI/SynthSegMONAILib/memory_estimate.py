@@ -114,8 +114,15 @@ class RunShapes:
 
 
 def segmentation_bytes(s: RunShapes, out_channels: int, level_features: list[int], slab_budget: int,
-                       posteriors: bool, input_grid: bool, on_gpu: bool = False) -> int:
-    """Host memory, in bytes, that segmenting an image of shapes ``s`` needs at its fullest."""
+                       posteriors: bool, input_grid: bool, on_gpu: bool = False, posterior_bytes: int = 4,
+                       activation_bytes: int = 4) -> int:
+    """Host memory, in bytes, that segmenting an image of shapes ``s`` needs at its fullest.
+
+    ``posterior_bytes`` and ``activation_bytes`` are the sizes of the posteriors' and of the
+    network's activations' values (4: float32; 2: float16 posteriors, bfloat16 activations).
+    The padded shape is the whole volume's: auto-crop, known only once the image is read, can
+    only make the run smaller.
+    """
     v_in, v_grid = math.prod(s.input_shape), math.prod(s.grid_shape)
     v_crop, v_pad = math.prod(s.crop_shape), math.prod(s.padded_shape)
     c = out_channels
@@ -128,9 +135,9 @@ def segmentation_bytes(s: RunShapes, out_channels: int, level_features: list[int
     kept = 8 * v_grid if resampled else 0  # the resampled image waits for --resample
     # after resampling: image, resampled, its RAS copy, then the normalised crop and its padding
     prepare = 8 * v_in + kept + 8 * v_grid + max(24 * v_crop, 12 * v_pad)
-    skips = sum(4 * f * v_pad // 8**i for i, f in enumerate(level_features[1:-1], start=1))
+    skips = sum(activation_bytes * f * v_pad // 8**i for i, f in enumerate(level_features[1:-1], start=1))
     network_input = 4 * v_pad
-    post = 4 * c * v_pad
+    post = posterior_bytes * c * v_pad
     network = kept + network_input + post + (0 if on_gpu else skips + SLAB_FACTOR * slab_budget)
     # postprocessing: masks, component labels, argmax and the RAS segmentation
     postprocess = kept + network_input + post + 14 * v_pad + 8 * v_crop + 4 * v_grid
@@ -147,11 +154,12 @@ def segmentation_bytes(s: RunShapes, out_channels: int, level_features: list[int
     return max(load, resample, prepare, network, postprocess, write) + MARGIN
 
 
-def gpu_network_bytes(s: RunShapes, out_channels: int, level_features: list[int], slab_budget: int) -> int:
+def gpu_network_bytes(s: RunShapes, out_channels: int, level_features: list[int], slab_budget: int,
+                      posterior_bytes: int = 4, activation_bytes: int = 4) -> int:
     """GPU memory, in bytes, of the network's pass on an image of shapes ``s``."""
     v_pad = math.prod(s.padded_shape)
-    skips = sum(4 * f * v_pad // 8**i for i, f in enumerate(level_features[1:-1], start=1))
-    return 4 * v_pad + 4 * out_channels * v_pad + skips + SLAB_FACTOR * slab_budget + MARGIN
+    skips = sum(activation_bytes * f * v_pad // 8**i for i, f in enumerate(level_features[1:-1], start=1))
+    return 4 * v_pad + posterior_bytes * out_channels * v_pad + skips + SLAB_FACTOR * slab_budget + MARGIN
 
 
 def check_grid(shape: tuple[int, ...], what: str, path: os.PathLike | str, advice: str) -> None:

@@ -2,9 +2,13 @@
 
 The safetensors header metadata (strings only) holds:
 
-- ``format`` = ``synthseg-monai-model`` and ``format_version``
-- ``architecture`` (``synthseg-unet``) and ``network`` (JSON of :class:`UNetConfig`)
-- ``labels``: JSON list of output label values, one per output channel
+- ``format`` = ``synthseg-monai-model`` and ``format_version`` (1; 2 for SynthSeg 2.0's robust,
+  parcellation and QC networks, which older versions refuse with "please upgrade")
+- ``architecture``: ``synthseg-unet`` (a segmentation U-Net of any size), or one of SynthSeg
+  2.0's fixed networks (:data:`FIXED_ARCHITECTURES`: ``synthseg-robust-2.0``, the three networks
+  of SynthSeg-robust; ``synthseg-parc-2.0``, the cortical parcellation U-Net; ``synthseg-qc-2.0``,
+  the QC regressor), and ``network`` (JSON of :class:`UNetConfig`; ``null`` for QC)
+- ``labels``: JSON list of output label values, one per output channel (empty for QC)
 - ``preprocessing``: JSON of what inference must do to an image before the network
 - ``name``, ``description``, ``synthseg_version`` (``1.0``/``2.0`` or empty)
 - ``provenance``: JSON (origin, source file and its SHA-256, training steps, scores, ...)
@@ -38,8 +42,13 @@ from .network import SynthSegUNet, UNetConfig
 from .output_files import atomic_output
 
 FORMAT_NAME = "synthseg-monai-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  #: the highest version read; plain U-Nets are still written as version 1
 ARCHITECTURE = "synthseg-unet"
+#: SynthSeg 2.0's networks whose sizes ``predict_synthseg.py::build_model`` fixes: architecture -> role
+FIXED_ARCHITECTURES = {"synthseg-robust-2.0": "robust", "synthseg-parc-2.0": "parcellation",
+                       "synthseg-qc-2.0": "qc"}
+#: what a model file's network is for: architecture -> role (``segmentation`` for plain U-Nets)
+ROLES = {ARCHITECTURE: "segmentation", **FIXED_ARCHITECTURES}
 
 DEFAULT_PREPROCESSING = {
     "target_resolution_mm": 1.0,
@@ -57,20 +66,26 @@ DEFAULT_PREPROCESSING = {
 class ModelInfo:
     """Everything a model file says about itself."""
 
-    network: UNetConfig
+    network: UNetConfig | None  #: None for the QC network (not a U-Net)
     labels: list[int]
     name: str = "model"
     description: str = ""
     synthseg_version: str = ""
     preprocessing: dict = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))
     provenance: dict = field(default_factory=dict)
+    architecture: str = ARCHITECTURE
+
+    @property
+    def role(self) -> str:
+        """``segmentation``, ``robust``, ``parcellation`` or ``qc`` (:data:`ROLES`)."""
+        return ROLES[self.architecture]
 
     def metadata(self) -> dict[str, str]:
         return {
             "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "architecture": ARCHITECTURE,
-            "network": json.dumps(self.network.to_dict(), sort_keys=True),
+            "format_version": "1" if self.architecture == ARCHITECTURE else str(FORMAT_VERSION),
+            "architecture": self.architecture,
+            "network": json.dumps(self.network.to_dict() if self.network is not None else None, sort_keys=True),
             "labels": json.dumps([int(x) for x in self.labels]),
             "preprocessing": json.dumps(self.preprocessing, sort_keys=True),
             "name": self.name,
@@ -96,7 +111,7 @@ def _checksum_of(metadata: dict[str, str], items: Iterable[tuple[str, torch.Tens
     return h.hexdigest()
 
 
-def model_tensors(model: SynthSegUNet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def model_tensors(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The tensors a model file stores: weights and BatchNorm statistics, no counters."""
     # clone with standard strides: a channels-last model's 1x1x1 kernels count as contiguous with
     # strides that safetensors and byte views cannot take
@@ -107,16 +122,24 @@ def model_tensors(model: SynthSegUNet, dtype: torch.dtype = torch.float32) -> di
     }
 
 
-def save_model(path: str | os.PathLike, model: SynthSegUNet, info: ModelInfo,
+def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo,
                dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``model`` with ``info`` to ``path`` atomically (temporary file, then rename)."""
+    """Write ``model`` with ``info`` to ``path`` atomically (temporary file, then rename).
+
+    ``model`` is a :class:`SynthSegUNet`, or the network of one of :data:`FIXED_ARCHITECTURES`
+    (then ``info.architecture`` names it)."""
     path = Path(path)
-    if model.config != info.network:
+    if info.architecture == ARCHITECTURE and model.config != info.network:
         raise ValueError("the model's configuration differs from info.network")
-    check_label_list(info.labels)
-    if len(info.labels) != info.network.out_channels:
-        raise ValueError("one output label per output channel is required")
+    _check_fixed(path, info)
+    if info.role != "qc":
+        check_label_list(info.labels)
+        if len(info.labels) != info.network.out_channels:
+            raise ValueError("one output label per output channel is required")
     tensors = model_tensors(model, dtype)
+    expected = expected_tensor_shapes(info)
+    if {k: tuple(v.shape) for k, v in tensors.items()} != expected:
+        raise ValueError(f"the model's tensors do not match the {info.architecture} architecture")
     meta = info.metadata()
     meta["checksum"] = _checksum(meta, tensors)
     with atomic_output(path) as tmp:
@@ -143,10 +166,59 @@ def _read_declared(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tup
     return meta, declared
 
 
-def check_tensor_layout(path: Path, network: UNetConfig,
+def fixed_network(architecture: str) -> torch.nn.Module:
+    """A new (random) network of one of :data:`FIXED_ARCHITECTURES`."""
+    from .synthseg2_networks import QualityControlNet, RobustSegmenter, parcellation_config
+
+    if architecture == "synthseg-robust-2.0":
+        return RobustSegmenter()
+    if architecture == "synthseg-parc-2.0":
+        return SynthSegUNet(parcellation_config())
+    if architecture == "synthseg-qc-2.0":
+        return QualityControlNet()
+    raise ValueError(f"unknown architecture {architecture!r}")
+
+
+def fixed_info(architecture: str) -> tuple[UNetConfig | None, list[int]]:
+    """The network configuration and output labels every file of a fixed architecture has."""
+    from .synthseg2_networks import (
+        PARCELLATION_LABELS,
+        SEGMENTATION_LABELS_2,
+        parcellation_config,
+        robust_config,
+    )
+
+    return {"synthseg-robust-2.0": (robust_config("segmenter2"), list(SEGMENTATION_LABELS_2)),
+            "synthseg-parc-2.0": (parcellation_config(), list(PARCELLATION_LABELS)),
+            "synthseg-qc-2.0": (None, [])}[architecture]
+
+
+def _check_fixed(path: Path, info: ModelInfo) -> None:
+    """Refuse a fixed architecture whose stated network or labels are not its own."""
+    if info.architecture == ARCHITECTURE:
+        return
+    if info.architecture not in FIXED_ARCHITECTURES:
+        raise ModelFileError(f"{path}: unknown architecture {info.architecture!r}")
+    network, labels = fixed_info(info.architecture)
+    if info.network != network or list(info.labels) != labels:
+        raise ModelFileError(f"{path}: the network or labels stated do not match the {info.architecture} "
+                             "architecture")
+
+
+def expected_tensor_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor a model file of ``info`` stores (nothing allocated)."""
+    if info.architecture == ARCHITECTURE:
+        return info.network.tensor_shapes()
+    with torch.device("meta"):
+        net = fixed_network(info.architecture)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def check_tensor_layout(path: Path, network: UNetConfig | ModelInfo,
                         declared: dict[str, tuple[str, tuple[int, ...]]]) -> None:
-    """Refuse tensors whose names, shapes or types do not match ``network`` (from the header alone)."""
-    expected = network.tensor_shapes()
+    """Refuse tensors whose names, shapes or types do not match ``network`` (a U-Net's configuration,
+    or a model's info) from the header alone."""
+    expected = network.tensor_shapes() if isinstance(network, UNetConfig) else expected_tensor_shapes(network)
     missing = sorted(set(expected) - set(declared))
     extra = sorted(set(declared) - set(expected))
     if missing or extra:
@@ -175,7 +247,7 @@ def _checked_header(path: Path) -> tuple[ModelInfo, dict[str, str], dict[str, tu
     have been checked (no tensor read)."""
     meta, declared = _read_declared(path)
     info = _info_from_metadata(path, meta)
-    check_tensor_layout(path, info.network, declared)
+    check_tensor_layout(path, info, declared)
     return info, meta, declared
 
 
@@ -183,7 +255,7 @@ def _verified_tensors(path: Path, keep: bool) -> tuple[ModelInfo, dict[str, torc
     """Check a model file: metadata, tensor layout (before reading any tensor), memory, then every
     tensor's values and the checksum. Returns the tensors too when ``keep``."""
     info, meta, declared = _checked_header(path)
-    values = info.network.parameter_count()
+    values = sum(math.prod(s) for s in expected_tensor_shapes(info).values())
     check_fits(values * (16 if keep else 4), f"{path}: loading this model ({values:,} values)")
     tensors: dict[str, torch.Tensor] = {}
     problems: list[str] = []
@@ -222,20 +294,30 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{path} uses model format {version}; this version of "
                              f"synthseg-monai reads up to {FORMAT_VERSION}: please upgrade")
-    if meta.get("architecture") != ARCHITECTURE:
-        raise ModelFileError(f"{path}: unknown architecture {meta.get('architecture')!r}")
+    architecture = meta.get("architecture")
+    if architecture not in ROLES:
+        raise ModelFileError(f"{path}: unknown architecture {architecture!r}"
+                             + (" (a newer synthseg-monai may read it: please upgrade)" if version >= 2 else ""))
     try:
-        network = UNetConfig.from_dict(json.loads(meta["network"]))
+        network_dict = json.loads(meta["network"])
+        network = None if network_dict is None and architecture != ARCHITECTURE else UNetConfig.from_dict(network_dict)
         labels = [int(x) for x in json.loads(meta["labels"])]
         preprocessing = dict(DEFAULT_PREPROCESSING, **json.loads(meta.get("preprocessing", "{}")))
         provenance = json.loads(meta.get("provenance", "{}"))
     except (KeyError, ValueError, TypeError, OverflowError) as e:
         raise ModelFileError(f"{path}: damaged model metadata ({e})") from e
+    check_preprocessing(path, preprocessing)
+    info = ModelInfo(network=network, labels=labels, name=meta.get("name", path.stem),
+                     description=meta.get("description", ""),
+                     synthseg_version=meta.get("synthseg_version", ""),
+                     preprocessing=preprocessing, provenance=provenance, architecture=architecture)
+    if architecture != ARCHITECTURE:
+        _check_fixed(path, info)  # sizes fixed by SynthSeg 2.0: nothing else to check
+        return info
     try:
         network.check_limits()
     except ValueError as e:
         raise ModelFileError(f"{path}: unsupported network: {e}") from e
-    check_preprocessing(path, preprocessing)
     try:
         check_label_list(labels)
     except ValueError as e:
@@ -243,18 +325,31 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
     if len(labels) != network.out_channels:
         raise ModelFileError(f"{path}: inconsistent labels: {len(labels)} labels for "
                              f"{network.out_channels} output channels")
-    return ModelInfo(network=network, labels=labels, name=meta.get("name", path.stem),
-                     description=meta.get("description", ""),
-                     synthseg_version=meta.get("synthseg_version", ""),
-                     preprocessing=preprocessing, provenance=provenance)
+    return info
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
-               ) -> tuple[SynthSegUNet, ModelInfo]:
-    """Load and verify a model file; returns the network in eval mode and its info."""
+_ROLE_HINTS = {"segmentation": "a segmentation model", "robust": "SynthSeg-robust 2.0 (used by --robust)",
+               "parcellation": "SynthSeg 2.0's cortical parcellation network (used by --parc)",
+               "qc": "SynthSeg 2.0's QC network (used by --qc)"}
+
+
+def check_role(path: Path, info: ModelInfo, role: str) -> None:
+    """Refuse a model file whose network is not for ``role`` (naming what it is for)."""
+    if info.role != role:
+        raise ModelFileError(f"{path} is {_ROLE_HINTS[info.role]}, not {_ROLE_HINTS[role]}")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", role: str | None = "segmentation"
+               ) -> tuple[torch.nn.Module, ModelInfo]:
+    """Load and verify a model file; returns the network in eval mode and its info (a
+    :class:`SynthSegUNet`, or for :data:`FIXED_ARCHITECTURES` their network: ``info.role`` says which).
+    A file whose role is not ``role`` is refused before any tensor is read (None: any role)."""
     path = Path(path)
+    if role is not None:
+        check_role(path, _checked_header(path)[0], role)
     info, tensors = _verified_tensors(path, keep=True)
-    model = SynthSegUNet(info.network)  # built only once its configuration matches the tensors
+    # built only once its configuration matches the tensors
+    model = SynthSegUNet(info.network) if info.architecture == ARCHITECTURE else fixed_network(info.architecture)
     state = {k: v.to(torch.float32) for k, v in tensors.items()}
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), info

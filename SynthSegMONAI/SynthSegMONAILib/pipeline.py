@@ -1,25 +1,29 @@
 """SynthSeg's prediction pipeline, one image at a time, with the model loaded once.
 
 load -> resample to 1 mm (write ``--resample``) -> reorient to RAS -> ``--crop`` ->
-normalise -> pad -> network (+ smoothing, + flip pass) -> postprocess -> renormalise,
-argmax -> paste back -> orient back to the input axes -> volumes -> outputs.
+normalise -> pad (auto-crop: only the head's box) -> network (+ flip pass, + smoothing) ->
+postprocess -> renormalise, argmax -> paste back -> orient back to the input axes -> volumes
+-> outputs.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory, release_freed_memory
 from .errors import ModelFileError, OptionError, ResourceLimitError
+from .head_box import crop_of_field, network_field
 from .image_header import ImageHeader, read_image_header
 from .inference import SlabNetwork
-from .labels import flip_indices, topological_classes
+from .labels import check_label_list, flip_indices, topological_classes
 from .memory_estimate import (
     MAX_GRID_SIDE,
     RunShapes,
@@ -28,11 +32,14 @@ from .memory_estimate import (
     gpu_network_bytes,
     segmentation_bytes,
 )
-from .model_file import load_model
+from .model_file import DEFAULT_PREPROCESSING, ModelInfo, check_preprocessing, load_model
+from .network import SynthSegUNet
 from .output_files import OutputTransaction, check_output_name
-from .postprocess import normalise_and_argmax, postprocess_default, postprocess_fast
+from .postprocess import postprocess_default, postprocess_fast
+from .precision import network_dtype
 from .preprocess import (
     Orientation,
+    Preprocessing,
     ResampleGrid,
     centre_crop_box,
     linear_along_axis,
@@ -99,28 +106,72 @@ class Result:
     written: dict[str, Path] = field(default_factory=dict)  #: output kind -> file actually written
     empty: bool = False  #: no voxel got a structure (every posterior under the thresholds)
     notes: list[str] = field(default_factory=list)  #: warnings for the user
+    qc: dict[str, float] | None = None  #: SynthSeg 2.0's QC score per QC group (``--qc``; :mod:`.synthseg2_pipeline`)
 
 
 class Segmenter:
-    """Holds a model and segments images with SynthSeg's pipeline."""
+    """Holds a model and segments images with SynthSeg's pipeline.
 
-    def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 slab_budget_mb: int | None = None):
+    ``model`` is a model file, or an in-memory :class:`SynthSegUNet` with its ``labels`` (one
+    per output channel) and ``preprocessing`` settings (a model file's metadata; SynthSeg's
+    defaults when omitted): training validation then runs the user's exact pipeline. The
+    segmenter works on its own float32 copy of an in-memory network, in eval mode: the
+    caller's network is left as it was, and later changes to it are not seen.
+
+    ``precision`` is the network's arithmetic (:mod:`.precision`: float32, bfloat16 or auto);
+    ``tune_allocator`` keeps the network's freed slabs for reuse (:mod:`.allocator`; process-wide).
+    """
+
+    def __init__(self, model: str | os.PathLike | SynthSegUNet, device: str = "auto", threads: int | None = None,
+                 slab_budget_mb: int | None = None, *, labels: Sequence[int] | None = None,
+                 preprocessing: Mapping | Preprocessing | None = None, name: str = "in-memory model",
+                 precision: str = "float32", tune_allocator: bool = True):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = choose_device(device)
+        self.dtype = network_dtype(precision, self.device)
         t0 = time.perf_counter()
-        self.model, self.info = load_model(model_path, self.device)
+        if isinstance(model, SynthSegUNet):
+            self.model, self.info = _in_memory_model(model, self.device, labels, preprocessing, name)
+        elif isinstance(model, torch.nn.Module):
+            raise TypeError(f"an in-memory model must be a SynthSegUNet, not {type(model).__name__}")
+        else:
+            if labels is not None or preprocessing is not None:
+                raise ValueError("labels and preprocessing come from the model file; give them only "
+                                 "with an in-memory network")
+            self.model, self.info = load_model(model, self.device)
         self.load_time = time.perf_counter() - t0
         self.labels = list(self.info.labels)
-        self.network = SlabNetwork(self.model, slab_budget_mb=slab_budget_mb or default_slab_budget_mb(self.device))
-        self.pre = self.info.preprocessing
+        self.pre = Preprocessing.from_dict(self.info.preprocessing)
+        self.network = SlabNetwork(self.model, slab_budget_mb=slab_budget_mb or default_slab_budget_mb(self.device),
+                                   dtype=self.dtype)
+        self.tune_allocator = tune_allocator and keep_freed_memory()
+        if self.tune_allocator:  # freed slabs are reused within a stage, handed back between stages
+            self.network.between_stages = release_freed_memory
 
     # ---------------------------------------------------------------------------------------
     def segment(self, input_path: str | os.PathLike, outputs: Outputs, fast: bool = False,
                 crop: list[int] | None = None, output_grid: str = "synthseg",
-                progress: ProgressFn | None = None, channel: int | None = None) -> Result:
-        """Segment one image; every output is written atomically, or none on error."""
+                progress: ProgressFn | None = None, channel: int | None = None, auto_crop: bool = True) -> Result:
+        """Segment one image; every output is written atomically, or none on error.
+
+        ``auto_crop`` (without ``crop``) runs the network on the head's bounding box only
+        (:mod:`.head_box`); False runs it on the whole padded volume, as SynthSeg does.
+        """
+        try:
+            return self._segment(input_path, outputs, fast, crop, output_grid, progress, channel, auto_crop)
+        finally:
+            if self.tune_allocator:
+                release_freed_memory()
+
+    def network_input_shape(self, input_path: str | os.PathLike, crop: list[int] | None = None,
+                            auto_crop: bool = True, channel: int | None = None) -> tuple[int, int, int]:
+        """The shape of the network's input for an image (loads and preprocesses it, no network)."""
+        image = load_image(input_path, channel, read_image_header(input_path))
+        return tuple(self._preprocess(image, crop, auto_crop).padded.shape)
+
+    def _segment(self, input_path: str | os.PathLike, outputs: Outputs, fast: bool, crop: list[int] | None,
+                 output_grid: str, progress: ProgressFn | None, channel: int | None, auto_crop: bool) -> Result:
         report = progress or (lambda stage, f: None)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -142,7 +193,7 @@ class Segmenter:
         notes = list(image.notes)
         lap("load")
         report("preprocessing", STAGES["preprocessing"][0])
-        prep = self._preprocess(image, crop)
+        prep = self._preprocess(image, crop, auto_crop)
         image.data = None  # the network needs only the padded copy: free the original
         lap("preprocess")
 
@@ -151,30 +202,29 @@ class Segmenter:
             report("network", a + (b - a) * f)
 
         volume = torch.from_numpy(prep.padded).to(self.device)
-        flip = None if fast or not self.pre.get("flip_averaging", True) else flip_indices(self.labels)
-        post_t = self.network.posteriors(volume, sigma=self.pre.get("posterior_smoothing_sigma"),
-                                         flip_indices=flip, progress=net_progress)
+        prep.padded = None
+        post_t = self._network_posteriors(volume, fast, net_progress)
         del volume
-        if not torch.isfinite(post_t.sum()):
+        if not torch.isfinite(post_t.sum(dtype=torch.float32)):
             raise ModelFileError(f"{input_path}: the network's output holds NaN or infinite values "
                                  "(the model's weights overflow on this image)")
+        # (X, Y, Z, C), as SynthSeg's arrays: the network's buffer is laid out so
+        post_t = post_t.permute(1, 2, 3, 0)
         post = post_t.cpu().numpy() if post_t.device.type != "cpu" else post_t.numpy()
+        del post_t
         lap("network")
         report("postprocessing", STAGES["postprocessing"][0])
+        threads = torch.get_num_threads()
         unpad = tuple(slice(lo, lo + n) for (lo, _), n in zip(prep.padding, prep.cropped_shape))
-        threshold = self.pre.get("mask_threshold", 0.25)
         if fast:
-            post = postprocess_fast(post, unpad, threshold, self.pre.get("fast_threshold", 0.2))
+            post, index = postprocess_fast(post, unpad, self.pre.mask_threshold, self.pre.fast_threshold, threads)
         else:
-            post = postprocess_default(post, topological_classes(self.labels), unpad, threshold)
-        index = normalise_and_argmax(post)
+            post, index = postprocess_default(post, topological_classes(self.labels), unpad,
+                                              self.pre.mask_threshold, threads)
         seg_ras = np.zeros(prep.ras_shape, dtype=np.int32)
-        seg_ras[prep.crop_box] = np.asarray(self.labels, dtype=np.int32)[index]
+        seg_ras[prep.crop_box] = self._label_map(post, index, prep)
         del index
-        # SynthSeg pastes a cropped result into float64 posteriors: its volumes are float64 then
-        post_xyzc_input = prep.orientation.from_ras(post.transpose(1, 2, 3, 0))
-        sums = soft_volumes(post_xyzc_input, dtype=np.float64 if crop else np.float32)
-        row = [subject_name(image.path), *volume_row(sums, prep.voxel_volume, with_total=24 in self.labels)]
+        row = [subject_name(image.path), *self._volume_values(post, prep, crop)]
         lap("postprocess")
         report("writing", STAGES["writing"][0])
         empty = not seg_ras.any()
@@ -183,25 +233,55 @@ class Segmenter:
         report("done", 1.0)
         return Result(Path(input_path), outputs, row, self.labels, timings, written, empty, notes)
 
+    # -- steps a subclass may extend (SynthSeg 2.0's options: :mod:`.synthseg2_pipeline`) ---------
+    #: (low, high) intensities are clipped to after resampling, before normalising (``--ct``: 0, 80)
+    intensity_clip: tuple[float, float] | None = None
+
+    def _network_posteriors(self, volume: torch.Tensor, fast: bool, progress: Callable[[float], None]
+                            ) -> torch.Tensor:
+        """Posteriors (C, X, Y, Z) of the padded volume: a view of an (X, Y, Z, C) buffer."""
+        flip = None if fast or not self.pre.flip_averaging else flip_indices(self.labels)
+        return self.network.posteriors(volume, sigma=self.pre.posterior_smoothing_sigma, flip_indices=flip,
+                                       progress=progress)
+
+    def _label_map(self, post: np.ndarray, index: np.ndarray, prep: _Prepared) -> np.ndarray:
+        """Label values (RAS, cropped) of the postprocessed posteriors' argmax channels ``index``."""
+        return np.asarray(self.labels, dtype=np.int32)[index]
+
+    def _volume_values(self, post: np.ndarray, prep: _Prepared, crop: list[int] | None) -> list[str]:
+        """The volumes of the CSV row (after the subject name)."""
+        # SynthSeg pastes a cropped result into float64 posteriors: its volumes are float64 then
+        sums = soft_volumes(prep.orientation.from_ras(post), dtype=np.float64 if crop else np.float32)
+        return volume_row(sums, prep.voxel_volume, with_total=24 in self.labels)
+
     # ---------------------------------------------------------------------------------------
-    def _preprocess(self, image: Image, crop: list[int] | None) -> _Prepared:
-        target = float(self.pre.get("target_resolution_mm", 1.0))
+    def _preprocess(self, image: Image, crop: list[int] | None, auto_crop: bool = True) -> _Prepared:
+        target = self.pre.target_resolution_mm
         data, affine, grid = image.data, image.affine, None
         voxel_volume = np.prod(np.asarray(image.zooms[:3], dtype=np.float32))
-        if needs_resampling(image.zooms, target, float(self.pre.get("resample_tolerance_mm", 0.05))):
+        if needs_resampling(image.zooms, target, self.pre.resample_tolerance_mm):
             data, affine, grid = resample_to_1mm(data, affine, target)
             voxel_volume = np.float32(target**3)
         resampled = data
         ras, _, orientation = reorient_to_ras(data, affine)
+        if self.intensity_clip is not None:
+            ras = np.clip(ras, *self.intensity_clip)
+        lo, hi = self.pre.intensity_percentiles
         box, min_pad = self._crop_box(ras.shape, crop)
-        block = ras[box]
-        lo, hi = self.pre.get("intensity_percentiles", [0.5, 99.5])
-        norm = normalise(block, lo, hi)
-        padding = padding_box(norm.shape, min_pad, self._multiple)
+        if crop:  # SynthSeg's --crop: the percentiles are the block's
+            norm = normalise(ras[box], lo, hi)
+            padding = padding_box(norm.shape, min_pad, self._multiple)
+        else:  # the whole volume's percentiles; auto-crop then picks the network's block
+            norm = normalise(ras, lo, hi)
+            padding = padding_box(norm.shape, min_pad, self._multiple)
+            if auto_crop:
+                field = network_field(norm, padding, self._multiple, self.model.config.size_multiple, min_pad[0])
+                box, padding = crop_of_field(norm.shape, padding, field)
+                norm = norm[box]
         padded = np.pad(norm, padding).astype(np.float32)
         return _Prepared(affine=affine, grid=grid, resampled=resampled if grid is not None else None,
                          orientation=orientation, ras_shape=ras.shape, crop_box=box,
-                         cropped_shape=block.shape, padding=padding, padded=padded,
+                         cropped_shape=norm.shape, padding=padding, padded=padded,
                          voxel_volume=voxel_volume)
 
     @property
@@ -220,14 +300,14 @@ class Segmenter:
                 raise OptionError(f"--crop takes one or three positive sizes (got {given})")
             return centre_crop_box(ras_shape, crop, multiple), [round_up(c, multiple) for c in crop]
         box = (slice(0, ras_shape[0]), slice(0, ras_shape[1]), slice(0, ras_shape[2]))
-        return box, [int(self.pre.get("min_pad", 128))] * 3
+        return box, [self.pre.min_pad] * 3
 
     def _run_shapes(self, declared: ImageHeader, crop: list[int] | None) -> RunShapes:
         """The shapes of the arrays segmenting ``declared``'s image makes, from its header alone;
         refused when a grid exceeds :data:`MAX_GRID_SIDE`."""
-        target = float(self.pre.get("target_resolution_mm", 1.0))
+        target = self.pre.target_resolution_mm
         shape, affine, steps = tuple(declared.shape[:3]), declared.affine, ()
-        if needs_resampling(declared.zooms, target, float(self.pre.get("resample_tolerance_mm", 0.05))):
+        if needs_resampling(declared.zooms, target, self.pre.resample_tolerance_mm):
             pixdim = np.sqrt(np.sum(affine * affine, axis=0))[:-1]
             rough = tuple(int(np.ceil(n * p / target)) for n, p in zip(shape, pixdim))
             check_grid(rough, f"the {target:g} mm grid", declared.path, _GRID_ADVICE)  # before any array
@@ -250,11 +330,13 @@ class Segmenter:
         """Refuse an image whose run would not fit the memory available, suggesting a ``--crop`` that fits."""
         cfg = self.model.config
         on_gpu = self.device.type == "cuda"
+        sizes = {"posterior_bytes": self.network.posterior_dtype.itemsize,
+                 "activation_bytes": self.network.dtype.itemsize}
 
         def need(s: RunShapes) -> int:
             return segmentation_bytes(s, cfg.out_channels, cfg.level_features(), self.network.budget,
                                       posteriors=outputs.posteriors is not None,
-                                      input_grid=output_grid == "input", on_gpu=on_gpu)
+                                      input_grid=output_grid == "input", on_gpu=on_gpu, **sizes)
 
         def advice(available: int) -> str:
             multiple = self._multiple
@@ -273,15 +355,16 @@ class Segmenter:
         if on_gpu:
             free, _ = torch.cuda.mem_get_info(self.device)
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            check_fits(gpu_network_bytes(shapes, cfg.out_channels, cfg.level_features(), self.network.budget),
+            check_fits(gpu_network_bytes(shapes, cfg.out_channels, cfg.level_features(), self.network.budget,
+                                         **sizes),
                        f"{declared.path}: the network's pass on the GPU", "try --crop, or --cpu",
                        available=free)
 
     def _full_posteriors_ras(self, post: np.ndarray, prep: _Prepared) -> np.ndarray:
-        """(X, Y, Z, C) float32 posteriors of the whole (uncropped) RAS volume."""
-        full = np.zeros((*prep.ras_shape, post.shape[0]), dtype=np.float32)
+        """(X, Y, Z, C) float32 posteriors of the whole (uncropped) RAS volume: background outside the crop."""
+        full = np.zeros((*prep.ras_shape, post.shape[-1]), dtype=np.float32)
         full[..., 0] = 1.0
-        full[prep.crop_box] = post.transpose(1, 2, 3, 0)
+        full[prep.crop_box] = post
         return full
 
     def _write(self, image: Image, prep: _Prepared, seg_ras: np.ndarray, post: np.ndarray,
@@ -297,7 +380,7 @@ class Segmenter:
             if cropped and (outputs.posteriors is not None or to_input):  # else no whole-grid posteriors
                 post_ras = self._full_posteriors_ras(post, prep)
             else:
-                post_ras = post.transpose(1, 2, 3, 0)
+                post_ras = post
             if to_input:
                 seg, post_in = _to_input_grid(prep.orientation.from_ras(post_ras), prep.grid,
                                               self.labels, want_posteriors=outputs.posteriors is not None)
@@ -324,8 +407,27 @@ class _Prepared:
     crop_box: tuple[slice, slice, slice]
     cropped_shape: tuple[int, int, int]
     padding: tuple[tuple[int, int], ...]
-    padded: np.ndarray
+    padded: np.ndarray | None  #: the network's input (dropped once on the network's device)
     voxel_volume: np.floating
+
+
+def _in_memory_model(model: SynthSegUNet, device: torch.device, labels: Sequence[int] | None,
+                     preprocessing: Mapping | Preprocessing | None, name: str) -> tuple[SynthSegUNet, ModelInfo]:
+    """A float32 eval-mode copy of ``model`` on ``device`` and its info, checked as a model file's are."""
+    if labels is None:
+        raise ValueError("an in-memory network needs its output labels (one per output channel)")
+    labels = [int(v) for v in labels]
+    check_label_list(labels)
+    if len(labels) != model.config.out_channels:
+        raise ValueError(f"{len(labels)} labels for a network of {model.config.out_channels} output channels")
+    if isinstance(preprocessing, Preprocessing):
+        preprocessing = preprocessing.to_dict()
+    settings = dict(DEFAULT_PREPROCESSING, **(preprocessing or {}))
+    check_preprocessing(Path(name), settings)
+    copied = copy.deepcopy(model).to(device=device, dtype=torch.float32).eval()
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied, ModelInfo(network=model.config, labels=labels, name=name, preprocessing=settings)
 
 
 _GRID_ADVICE = (f"check the voxel sizes in the header, or crop the image to the head first (the limit is "
@@ -347,7 +449,7 @@ def _to_input_grid(post_xyzc: np.ndarray, grid: ResampleGrid, labels: list[int],
     seg = np.zeros(grid.input_shape, dtype=np.int32)
     post_out = np.empty((*grid.input_shape, post_xyzc.shape[-1]), dtype=np.float32) if want_posteriors else None
     for c, label in enumerate(labels):
-        ch = np.ascontiguousarray(post_xyzc[..., c])
+        ch = np.ascontiguousarray(post_xyzc[..., c], dtype=np.float32)
         for a in range(3):
             ch = linear_along_axis(ch, a, coords[a])
         better = ch > best

@@ -6,10 +6,51 @@ crop, normalise, pad (SYNTHSEG_REFERENCE section 3 and the keras-synthseg README
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What inference does around the network, as a model file's ``preprocessing`` metadata says
+    (the defaults are SynthSeg's, the same as ``model_file.DEFAULT_PREPROCESSING``)."""
+
+    target_resolution_mm: float = 1.0
+    resample_tolerance_mm: float = 0.05
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    min_pad: int = 128  #: the network's input is padded to at least this many voxels per axis
+    posterior_smoothing_sigma: float | None = 0.5
+    flip_averaging: bool = True
+    mask_threshold: float = 0.25  #: postprocessing's posterior threshold
+    fast_threshold: float = 0.2  #: ``--fast``: posteriors at or below it are zeroed
+
+    @classmethod
+    def from_dict(cls, settings: Mapping) -> Preprocessing:
+        """From a model's (checked) metadata; missing settings take the defaults, unknown ones are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in settings.items() if k in known}
+        if "intensity_percentiles" in values:
+            lo, hi = values["intensity_percentiles"]
+            values["intensity_percentiles"] = (float(lo), float(hi))
+        for name in ("target_resolution_mm", "resample_tolerance_mm", "mask_threshold", "fast_threshold"):
+            if name in values:
+                values[name] = float(values[name])
+        if values.get("posterior_smoothing_sigma") is not None:
+            values["posterior_smoothing_sigma"] = float(values["posterior_smoothing_sigma"])
+        if "min_pad" in values:
+            values["min_pad"] = int(values["min_pad"])
+        if "flip_averaging" in values:
+            values["flip_averaging"] = bool(values["flip_averaging"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        """The settings as model-file metadata (JSON types)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["intensity_percentiles"] = list(self.intensity_percentiles)
+        return d
 
 
 def needs_resampling(zooms: np.ndarray, target: float = 1.0, tolerance: float = 0.05) -> bool:

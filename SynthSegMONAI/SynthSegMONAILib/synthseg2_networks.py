@@ -27,6 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .inference import gaussian_kernel_3d
+from .labels import PARCELLATION_LABELS
+from .labels import (
+    PARCELLATION_NAMES as PARCELLATION_NAMES,  # re-exported: the parcellation tables live in labels
+)
 from .network import SynthSegUNet, UNetConfig, UNetLevel
 
 #: SynthSeg 2.0's segmentation labels in channel order (ascending label value).
@@ -37,18 +41,6 @@ CORTEX_LABELS = (3, 42)
 #: Number of label groups of the robust model's first segmenter and denoiser
 #: (``np.unique(synthseg_denoiser_labels_2.0.npy)``).
 DENOISER_GROUPS = 5
-#: Parcellation output labels in channel order (``synthseg_parcellation_labels.npy``, sorted).
-PARCELLATION_LABELS = (0, *(h + i for h in (1000, 2000) for i in range(1, 36) if i != 4))
-_PARC_REGIONS = ("bankssts", "caudalanteriorcingulate", "caudalmiddlefrontal", "cuneus", "entorhinal",
-                 "fusiform", "inferiorparietal", "inferiortemporal", "isthmuscingulate", "lateraloccipital",
-                 "lateralorbitofrontal", "lingual", "medialorbitofrontal", "middletemporal",
-                 "parahippocampal", "paracentral", "parsopercularis", "parsorbitalis", "parstriangularis",
-                 "pericalcarine", "postcentral", "posteriorcingulate", "precentral", "precuneus",
-                 "rostralanteriorcingulate", "rostralmiddlefrontal", "superiorfrontal", "superiorparietal",
-                 "superiortemporal", "supramarginal", "frontalpole", "temporalpole", "transversetemporal",
-                 "insula")
-#: Names of :data:`PARCELLATION_LABELS` (``synthseg_parcellation_names.npy``), as in the CSV.
-PARCELLATION_NAMES = ("Background", *(f"ctx-{h}-{r}" for h in ("lh", "rh") for r in _PARC_REGIONS))
 #: QC group of each segmentation label (``synthseg_qc_labels_2.0.npy`` at each label's first entry).
 QC_GROUPS = {0: 0, 2: 1, 3: 2, 4: 3, 5: 3, 7: 4, 8: 4, 10: 6, 11: 1, 12: 7, 13: 7, 14: 3, 15: 3, 16: 5,
              17: 8, 18: 8, 24: 0, 26: 1, 28: 1, 41: 1, 42: 2, 43: 3, 44: 3, 46: 4, 47: 4, 49: 6, 50: 1,
@@ -83,7 +75,7 @@ class DenoiserUNet(SynthSegUNet):
             skip = level.features(x)
             x = level.bn(skip)
             if i < len(self.encoder) - 1:
-                skips.append(skip)
+                skips.append(skip if i >= self.skip_n_concatenations else None)  # unused skips freed
                 x = F.max_pool3d(x, 2)
         for i in reversed(range(len(self.decoder))):
             x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -108,8 +100,14 @@ class QCLevel(nn.Module):
         self.bn = nn.BatchNorm3d(out_channels, eps=1e-3, momentum=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = F.relu(self.expand(x)) if self.expand is not None else x
-        return self.bn(F.relu(residual + self.conv1(F.relu(self.conv0(x)))))
+        if torch.is_grad_enabled():
+            residual = F.relu(self.expand(x)) if self.expand is not None else x
+            return self.bn(F.relu(residual + self.conv1(F.relu(self.conv0(x)))))
+        # inference: the same operations in place, so at most three activations are alive (x, y,
+        # and the residual): 3.3 GB at 224^3 instead of 5
+        y = self.conv1(F.relu(self.conv0(x), inplace=True))
+        y += F.relu(self.expand(x), inplace=True) if self.expand is not None else x
+        return self.bn(F.relu(y, inplace=True))
 
 
 class QualityControlNet(nn.Module):

@@ -187,7 +187,10 @@ class ValidationConfig:
     samples: int = 4  #: synthetic samples, drawn with a fixed seed
     seed: int = 20240101
     crop_size: list[int] = field(default_factory=list)  #: default: the training crop
-    real_images: str = ""  #: folder of subject folders each holding an image and its labels
+    #: folder of subject folders each holding an image and its FreeSurfer aseg; each image is
+    #: segmented with the engine's own pipeline (default mode, as users run it) and scored as
+    #: ``synthseg-monai evaluate`` scores it
+    real_images: str = ""
     real_image_name: str = "T1.mgz"
     real_label_name: str = "aseg.mgz"
     real_max_subjects: int = 0  #: 0 = all

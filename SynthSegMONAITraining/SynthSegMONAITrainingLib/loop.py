@@ -189,7 +189,7 @@ class _Run:
         self.real_cases = []
         if v_cfg.real_images:
             self.real_cases = load_real_cases(v_cfg.real_images, v_cfg.real_image_name, v_cfg.real_label_name,
-                                              self.labels, v_cfg.real_max_subjects)
+                                              v_cfg.real_max_subjects)
         self.synth = Synthesizer(cfg.synthesis, table, info.device)
 
     def _build_network(self) -> None:
@@ -289,7 +289,7 @@ class _Run:
             if example is not None:
                 self.examples["validation"] = example
         if self.real_cases:
-            real = validate_real(self.model, self.real_cases, self.val_crop, self.labels, info, self.autocast)
+            real = validate_real(self.model, self.real_cases, self.labels, info)
             row.update(real_mean_dice=real["mean_dice"], real_dice=real["dice"])
         score = row.get("val_mean_dice", row.get("real_mean_dice", 0.0))
         self.state.history.append(row)

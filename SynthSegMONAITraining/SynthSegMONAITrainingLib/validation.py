@@ -2,24 +2,23 @@
 
 Synthetic validation samples are drawn with a fixed seed, so every validation sees the same
 images (varied contrasts and resolutions). Real validation reads subject folders holding an
-image and a FreeSurfer ``aseg``; labels are mapped as SynthSeg scores them: 77 (WM
-hypointensities) and 251-255 (corpus callosum) become the white matter of the nearer
-hemisphere, and labels outside the model's list (24 for 1.0, 30, 31, 62, 63, 72, 80, 85) are
-ignored.
+image and a FreeSurfer ``aseg``, segments each image with the engine's own pipeline (what
+users run) and scores it as ``synthseg-monai evaluate`` does: 77 (WM hypointensities) and
+251-255 (corpus callosum) become the white matter of the nearer hemisphere, and labels outside
+the model's list (24 for 1.0, 30, 31, 62, 63, 72, 80, 85) are ignored.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
-# the aseg mapping has one definition, in the engine (re-exported here for existing callers)
-from SynthSegMONAILib.evaluation import IGNORE, map_aseg
+from SynthSegMONAILib import SynthSegUNet
+from SynthSegMONAILib.evaluation import IGNORE
 
 from .distributed import DistInfo, all_reduce_sum
 from .label_maps import LabelMap
@@ -77,57 +76,61 @@ def validate_synthetic(model: torch.nn.Module, synth: Synthesizer, maps: list[La
     return summarise(sums, labels), example
 
 
-@dataclass
+@dataclass(frozen=True)
 class RealCase:
-    """A real image (RAS, [0, 1]) with its mapped labels, cropped to the head."""
+    """A real image and its FreeSurfer ``aseg``, scored as users' segmentations are."""
 
     name: str
-    image: torch.Tensor  #: (1, X, Y, Z)
-    target: torch.Tensor  #: (X, Y, Z) channels or IGNORE
+    image: Path
+    labels: Path
 
 
-def load_real_cases(folder: str, image_name: str, label_name: str, labels: list[int],
-                    max_subjects: int = 0) -> list[RealCase]:
+def load_real_cases(folder: str, image_name: str, label_name: str, max_subjects: int = 0) -> list[RealCase]:
     """Subject folders of ``folder`` that hold both ``image_name`` and ``label_name``."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"real validation folder not found: {folder}")
-    cases = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        img_p, lab_p = sub / image_name, sub / label_name
-        if not (img_p.is_file() and lab_p.is_file()):
-            continue
-        img = nib.as_closest_canonical(nib.load(str(img_p)))
-        lab = nib.as_closest_canonical(nib.load(str(lab_p)))
-        data = np.asanyarray(img.dataobj).astype(np.float32)
-        seg = np.rint(np.asanyarray(lab.dataobj)).astype(np.int64)
-        if data.shape != seg.shape:
-            raise ValueError(f"{sub}: image and labels differ in shape")
-        lo, hi = np.percentile(data, [0.5, 99.5])
-        data = np.clip((data - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-        target = map_aseg(seg, labels)
-        nz = np.nonzero(seg)
-        box = tuple(slice(max(int(a.min()) - 8, 0), int(a.max()) + 9) for a in nz)
-        cases.append(RealCase(sub.name, torch.from_numpy(np.ascontiguousarray(data[box]))[None],
-                              torch.from_numpy(np.ascontiguousarray(target[box]))))
-        if max_subjects and len(cases) >= max_subjects:
-            break
+    cases = [RealCase(sub.name, sub / image_name, sub / label_name)
+             for sub in sorted(p for p in root.iterdir() if p.is_dir())
+             if (sub / image_name).is_file() and (sub / label_name).is_file()]
+    if max_subjects:
+        cases = cases[:max_subjects]
     if not cases:
         raise FileNotFoundError(f"no subject folder in {folder} holds {image_name} and {label_name}")
     return cases
 
 
+def _bare_network(model: torch.nn.Module) -> SynthSegUNet:
+    """The :class:`SynthSegUNet` inside a DDP wrapper or a compiled module."""
+    while not isinstance(model, SynthSegUNet):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"cannot find the U-Net inside a {type(model).__name__}")
+        model = inner
+    return model
+
+
 @torch.no_grad()
-def validate_real(model: torch.nn.Module, cases: list[RealCase], roi, labels: list[int], info: DistInfo,
-                  autocast: bool) -> dict:
-    """Dice on real images (sliding windows of the training crop size); ranks share the cases."""
-    model.eval()
+def validate_real(model: torch.nn.Module, cases: list[RealCase], labels: list[int], info: DistInfo,
+                  preprocessing: dict | None = None) -> dict:
+    """Dice on real images through the engine's own pipeline (what users run, default mode):
+    the segmentation of each image is scored against its ``aseg`` with
+    :func:`SynthSegMONAILib.evaluation.evaluate_files`. The ranks share the cases."""
+    from SynthSegMONAILib.evaluation import evaluate_files
+    from SynthSegMONAILib.pipeline import Outputs, Segmenter
+
+    segmenter = Segmenter(_bare_network(model), device=str(info.device), labels=labels,
+                          preprocessing=preprocessing, name="validation network", tune_allocator=False)
+    position = {lab: i for i, lab in enumerate(labels)}
     sums = torch.zeros(2, len(labels), dtype=torch.float64)
-    for case in cases[info.rank::info.world_size]:
-        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = sliding_window_inference(case.image[None].to(info.device), roi, 1, model, overlap=0.25)
-        pred = logits.argmax(1)[0]
-        sums += dice_sums(pred, case.target.to(info.device), len(labels))
+    with tempfile.TemporaryDirectory(prefix="synthseg-validation-") as tmp:
+        for case in cases[info.rank::info.world_size]:
+            seg = Path(tmp) / f"{case.name}_synthseg.nii.gz"
+            segmenter.segment(case.image, Outputs(seg))
+            scores = evaluate_files(seg, case.labels, "aseg", labels)
+            for lab, d in scores.dice.items():
+                if lab in position:
+                    sums[0, position[lab]] += d
+                    sums[1, position[lab]] += 1
     sums = all_reduce_sum(sums.to(info.device), info).cpu()
-    model.train()
     return summarise(sums, labels)

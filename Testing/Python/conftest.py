@@ -1,4 +1,8 @@
-"""Shared test fixtures: reference data from ../shared and models made from it."""
+"""Shared test fixtures: reference data from ../shared and models made from it.
+
+The tests are grouped by part: ``engine/``, ``slicer_module/`` (not ``slicer/``: a folder of
+that name would join slicer-core's ``slicer`` namespace package) and ``training/``.
+"""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from SynthSegMONAILib.synthseg2_networks import (
     smooth_posteriors,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1] / "Data" / "synthseg2"
+FIXTURES = Path(__file__).resolve().parents[2] / "Data" / "synthseg2"
 SOFTMAX_TOLERANCE = 2e-4  # float32 round-off of random networks (set A's README)
 QC_TOLERANCE = 1e-4
 

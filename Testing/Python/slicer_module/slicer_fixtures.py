@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import slicer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MODULE_DIR = REPO / "SynthSegMONAI"  # on sys.path (conftest.py): the Slicer module and its packages
 
 

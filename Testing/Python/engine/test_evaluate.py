@@ -17,7 +17,7 @@ from SynthSegMONAILib.cli import main
 from SynthSegMONAILib.evaluation import IGNORE, evaluate, map_aseg, resample_nearest, score
 from SynthSegMONAILib.labels import synthseg_labels
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LABELS = synthseg_labels("2.0")
 LIA = np.array([[-1.0, 0, 0, 120.1], [0, 0, 1, -85.4], [0, -1, 0, 137.6], [0, 0, 0, 1]])  # FreeSurfer conformed
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from SynthSegMONAILib.inference import SlabNetwork, gaussian_kernel_3d, upsampling_conv_weights
+from SynthSegMONAILib.inference import SlabNetwork, gaussian_kernel_3d, upsampling_deconv_weights
 from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
 
 
@@ -50,8 +50,8 @@ def test_upsampling_conv_weights_reproduce_conv_of_upsampled_volume(kernel):
     expected = F.conv3d(F.interpolate(low, scale_factor=2, mode="nearest"), weight, padding=kernel // 2)
     model = _random_model(UNetConfig(levels=2, features=4, out_channels=3, kernel_size=kernel))
     net = SlabNetwork(model)
-    w_up = upsampling_conv_weights(weight).contiguous(memory_format=net.layout)
-    assert w_up.shape == (24, 4, kernel // 2 + 1, kernel // 2 + 1, kernel // 2 + 1)
+    w_up = upsampling_deconv_weights(weight).contiguous(memory_format=net.layout)
+    assert w_up.shape == (4, 3, kernel + 1, kernel + 1, kernel + 1)
     # every output row range, odd starts and ends included
     for lo, hi in [(0, 10), (1, 10), (3, 8), (0, 1), (9, 10), (4, 7)]:
         y = torch.zeros(1, 3, hi - lo, 12, 14)

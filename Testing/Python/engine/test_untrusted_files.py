@@ -31,7 +31,7 @@ from SynthSegMONAILib.labels import synthseg_labels
 from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING, ModelInfo, _checksum, model_tensors, save_model
 from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LABELS = synthseg_labels("2.0")
 TINY = UNetConfig(out_channels=len(LABELS), levels=2, features=4)
 PRE = dict(DEFAULT_PREPROCESSING, min_pad=32)  # SynthSeg pads to 128^3; 32^3 keeps these runs quick
