@@ -87,6 +87,18 @@ def _link_target(group, name: str, path: Path):
     return obj
 
 
+def open_keras_file(path: Path):
+    """The HDF5 file at ``path``, open for reading; :class:`ModelFileError` if it is missing or not HDF5."""
+    import h5py
+
+    if not path.is_file():
+        raise ModelFileError(f"Keras file not found: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise ModelFileError(f"{path} is not an HDF5 (Keras .h5) file: {e}") from e
+
+
 def _is_segmentation_layer(name: str) -> bool:
     return bool(_CONV.match(name) or _BN.match(name) or name == "unet_likelihood")
 
@@ -165,16 +177,9 @@ def read_keras_weights(path: str | os.PathLike) -> tuple[UNetConfig, dict[str, t
     dataset is checked (hard links only, no virtual or external storage, floating point, the
     shape the configuration implies) before any is read.
     """
-    import h5py
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"Keras file not found: {path}")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ModelFileError(f"{path} is not an HDF5 (Keras .h5) file: {e}") from e
-    with f:
+    with open_keras_file(path) as f:
         layers = _weight_datasets(f, path)
         config = _config_from_layers(layers, path)
         expected = config.tensor_shapes()

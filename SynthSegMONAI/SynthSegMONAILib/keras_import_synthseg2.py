@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError
-from .keras_import import _sha256, _weight_datasets, import_keras
+from .keras_import import _sha256, _weight_datasets, import_keras, open_keras_file
 from .memory_estimate import check_fits
 from .model_file import ModelInfo, fixed_info, save_model, weight_problem
 from .network import SynthSegUNet
@@ -83,18 +83,10 @@ def _expected(module: nn.Module, name_of) -> dict[str, tuple[str, str, tuple[int
 
 def _load_into(path: str | os.PathLike, module: nn.Module, name_of, what: str) -> nn.Module:
     """Fill ``module`` from the Keras file's layers named by ``name_of`` (all must be there)."""
-    import h5py
-
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"Keras file not found: {path}")
     expected = _expected(module, name_of)
     wanted = {layer for layer, _, _ in expected.values()}
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ModelFileError(f"{path} is not an HDF5 (Keras .h5) file: {e}") from e
-    with f:
+    with open_keras_file(path) as f:
         layers = _weight_datasets(f, path, keep=wanted.__contains__)
         missing = sorted(wanted - set(layers))
         if missing:
@@ -166,16 +158,8 @@ def keras_network_kind(path: str | os.PathLike) -> str:
     """Which SynthSeg network a Keras file holds, from its layer names alone: ``robust``
     (``unet2_*``/``l2l_*``), ``parcellation`` (``unet_parc_*``), ``qc`` (``qc_*``) or
     ``segmentation`` (anything else: the plain U-Net's ``unet_*``)."""
-    import h5py
-
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"Keras file not found: {path}")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ModelFileError(f"{path} is not an HDF5 (Keras .h5) file: {e}") from e
-    with f:
+    with open_keras_file(path) as f:
         names = set(_weight_datasets(f, path, keep=lambda name: True))
     if any(n.startswith(("unet2_", "l2l_")) for n in names):
         return "robust"

@@ -31,8 +31,6 @@ network run on the whole volume: :func:`extra_bytes` estimates what they add.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -43,13 +41,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .errors import ModelFileError, OutputPathError
+from .errors import ModelFileError
 from .inference import SlabNetwork, gaussian_kernel_3d
 from .labels import PARCELLATION_LABELS
 from .memory_estimate import check_fits, segmentation_bytes
 from .model_file import load_model
 from .model_registry import MODEL_SUFFIX, available_models, user_model_dir
-from .output_files import atomic_output
 from .pipeline import Result, Segmenter, _Prepared
 from .postprocess import for_row_blocks
 from .synthseg2_networks import (
@@ -63,7 +60,7 @@ from .synthseg2_networks import (
     qc_crop_to_shape,
     qc_csv_values,
 )
-from .volumes import soft_volumes, volume_row
+from .volumes import soft_volumes, volume_row, write_csv
 
 #: installed model names SynthSeg's script loads from ``<SynthSeg>/models``
 ROBUST_MODEL, PARC_MODEL, QC_MODEL = "synthseg_robust_2.0", "synthseg_parc_2.0", "synthseg_qc_2.0"
@@ -180,16 +177,7 @@ def qc_scores_of(qc_net: torch.nn.Module, index: torch.Tensor, labels: Sequence[
 
 def write_qc_csv(path: Path, rows: Sequence[Sequence[str]]) -> Path:
     """The QC CSV (``subject`` and the 8 QC groups; CRLF line ends as Python's csv writer), atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["subject", *QC_NAMES[1:]])
-    writer.writerows(rows)
-    try:
-        with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-            f.write(buf.getvalue())
-    except OSError as e:
-        raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from e
-    return path
+    return write_csv(path, ["subject", *QC_NAMES[1:]], rows)
 
 
 # -- memory -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,19 +57,23 @@ def subject_name(path: Path) -> str:
     return path.name.replace(".nii.gz", "")
 
 
-def write_volumes_csv(path: Path, labels: list[int], rows: Iterable[list[str]]) -> Path:
-    """Write the CSV (CRLF line ends, as Python's csv writer) atomically."""
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> Path:
+    """Write a CSV in SynthSeg's layout (CRLF line ends, as Python's csv writer) atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(csv_header(labels))
-    for row in rows:
-        writer.writerow(row)
+    writer.writerow(header)
+    writer.writerows(rows)
     try:
         with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
             f.write(buf.getvalue())
     except OSError as e:
         raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from e
     return path
+
+
+def write_volumes_csv(path: Path, labels: list[int], rows: Iterable[list[str]]) -> Path:
+    """Write the volumes CSV of ``labels`` atomically."""
+    return write_csv(path, csv_header(labels), rows)
 
 
 def row_volumes(labels: list[int], row: list[str]) -> tuple[list[float], float | None]:
