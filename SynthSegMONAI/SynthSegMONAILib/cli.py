@@ -218,6 +218,7 @@ def _result_line(image: Path, result, seconds: float) -> ResultLine:
     return ResultLine(input=str(image), segmentation=written["segmentation"],
                       posteriors=written.get("posteriors"), resampled=written.get("resampled"),
                       labels=[int(v) for v in result.labels[1:]], volumes_mm3=volumes,
+                      labels_present=list(result.present),
                       total_intracranial_mm3=total, empty=bool(result.empty), seconds=round(seconds, 2),
                       timings={k: round(v, 3) for k, v in result.timings.items()}, qc=result.qc)
 

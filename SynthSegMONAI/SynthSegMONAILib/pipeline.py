@@ -107,6 +107,7 @@ class Result:
     empty: bool = False  #: no voxel got a structure (every posterior under the thresholds)
     notes: list[str] = field(default_factory=list)  #: warnings for the user
     qc: dict[str, float] | None = None  #: SynthSeg 2.0's QC score per QC group (``--qc``; :mod:`.synthseg2_pipeline`)
+    present: list[int] = field(default_factory=list)  #: labels in the segmentation written (ascending, no 0)
 
 
 class Segmenter:
@@ -227,11 +228,11 @@ class Segmenter:
         row = [subject_name(image.path), *self._volume_values(post, prep, crop)]
         lap("postprocess")
         report("writing", STAGES["writing"][0])
-        empty = not seg_ras.any()
-        written = self._write(image, prep, seg_ras, post, outputs, output_grid)
+        written, present = self._write(image, prep, seg_ras, post, outputs, output_grid)
         lap("write")
         report("done", 1.0)
-        return Result(Path(input_path), outputs, row, self.labels, timings, written, empty, notes)
+        return Result(Path(input_path), outputs, row, self.labels, timings, written, not present, notes,
+                      present=present)
 
     # -- steps a subclass may extend (SynthSeg 2.0's options: :mod:`.synthseg2_pipeline`) ---------
     #: (low, high) intensities are clipped to after resampling, before normalising (``--ct``: 0, 80)
@@ -368,7 +369,8 @@ class Segmenter:
         return full
 
     def _write(self, image: Image, prep: _Prepared, seg_ras: np.ndarray, post: np.ndarray,
-               outputs: Outputs, output_grid: str) -> dict[str, Path]:
+               outputs: Outputs, output_grid: str) -> tuple[dict[str, Path], list[int]]:
+        """Write the outputs; the files written and the labels present in the segmentation written."""
         header = image.header
         written = {"segmentation": outputs.segmentation}
         with OutputTransaction() as tx:
@@ -394,7 +396,13 @@ class Segmenter:
             if outputs.posteriors is not None:
                 save_image(post_in, affine, header, tx.temporary(outputs.posteriors), dtype="float32")
                 written["posteriors"] = outputs.posteriors
-        return written
+        return written, labels_present(seg)
+
+
+def labels_present(seg: np.ndarray) -> list[int]:
+    """The nonzero labels of a label map, ascending (one counting pass, no sort)."""
+    counts = np.bincount(np.asarray(seg).ravel().astype(np.intp, copy=False))
+    return [int(v) for v in np.flatnonzero(counts[1:]) + 1]
 
 
 @dataclass

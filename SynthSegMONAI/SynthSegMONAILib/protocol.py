@@ -2,8 +2,9 @@
 
 ``--progress-lines`` makes the command print ``SYNTHSEG_PROGRESS {json}``, ``SYNTHSEG_RESULT
 {json}`` and ``SYNTHSEG_ERROR {json}`` on its standard output. A result line carries all a
-parent needs about one segmented image (:class:`ResultLine`: the files written, the model's
-structure labels and their volumes), so it reads no other output. Standard library only, so
+parent needs about one segmented image (:class:`ResultLine`: the files written, the labels
+present in the segmentation, the model's structure labels and their volumes), so it reads no
+other output. Standard library only, so
 the Slicer side imports it without PyTorch.
 """
 
@@ -42,7 +43,8 @@ class ResultLine:
     Paths are the files actually written (None: not written). ``labels`` are the model's
     structure labels (background left out) in the order of ``volumes_mm3``, the soft volumes
     of the ``--vol`` CSV; ``total_intracranial_mm3`` is None when the model segments no CSF.
-    ``empty``: no voxel got a structure. ``qc``: SynthSeg 2.0's QC score of each QC group
+    ``labels_present``: the labels that occur in the segmentation file (ascending; with
+    ``--parc`` the cortical parcels instead of the cortex). ``empty``: no voxel got a structure. ``qc``: SynthSeg 2.0's QC score of each QC group
     ({group name: score}; None when ``--qc`` was not asked).
     """
 
@@ -52,6 +54,7 @@ class ResultLine:
     resampled: str | None = None
     labels: list[int] = field(default_factory=list)
     volumes_mm3: list[float] = field(default_factory=list)
+    labels_present: list[int] = field(default_factory=list)
     total_intracranial_mm3: float | None = None
     empty: bool = False
     seconds: float = 0.0
@@ -75,6 +78,7 @@ class ResultLine:
             line = cls(input=str(payload["input"]), segmentation=str(payload["segmentation"]),
                        posteriors=optional("posteriors", str), resampled=optional("resampled", str),
                        labels=labels, volumes_mm3=volumes,
+                       labels_present=[int(v) for v in payload.get("labels_present", [])],
                        total_intracranial_mm3=optional("total_intracranial_mm3", float),
                        empty=bool(payload.get("empty", False)), seconds=float(payload.get("seconds", 0.0)),
                        timings={str(k): float(v) for k, v in dict(payload.get("timings", {})).items()},

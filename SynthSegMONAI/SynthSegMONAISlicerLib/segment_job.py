@@ -267,7 +267,8 @@ class SegmentationJob:
         created_seg = self.segmentation_node is None
         seg = import_labelmap(self.scene, labels, np.asarray(seg_img.affine), f"{name} SynthSeg",
                               reference_volume=self.volume_node,
-                              segmentation_node=self.segmentation_node)
+                              segmentation_node=self.segmentation_node,
+                              present_labels=line.labels_present or None)
         created_table = self.table_node is None
         created_qc = self.qc_table_node is None
         table = qc_table = None

@@ -11,6 +11,8 @@ terminology whose anatomic region is the cerebral cortex of their side (:mod:`.p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import slicer
 import vtk
@@ -107,14 +109,20 @@ def _matrix(array4x4: np.ndarray) -> vtk.vtkMatrix4x4:
 
 
 def import_labelmap(scene, label_ijk: np.ndarray, ijk_to_ras: np.ndarray, name: str,
-                    reference_volume=None, segmentation_node=None) -> object:
+                    reference_volume=None, segmentation_node=None,
+                    present_labels: Sequence[int] | None = None) -> object:
     """Create (or refill) a segmentation node from a label array indexed [i, j, k].
 
-    ``ijk_to_ras`` is the label map's own voxel-to-RAS matrix. Temporary nodes used for the
-    conversion are removed; on error the scene is left as it was.
+    ``ijk_to_ras`` is the label map's own voxel-to-RAS matrix. ``present_labels``: the nonzero
+    labels of the array when already known (the engine's result line gives them), else they are
+    found. Temporary nodes used for the conversion are removed; on error the scene is left as
+    it was.
     """
     label_ijk = np.asarray(label_ijk)
-    present = [int(v) for v in np.unique(label_ijk) if v != 0]
+    if present_labels is None:
+        present = [int(v) for v in np.unique(label_ijk) if v != 0]
+    else:
+        present = sorted({int(v) for v in present_labels} - {0})
     max_label = max(present, default=0)
 
     color_node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} colours (temporary)")

@@ -117,7 +117,9 @@ def test_result_line_carries_the_files_written_and_the_volumes_of_the_csv(tiny_m
                                                                           .out.splitlines())) if kind == RESULT_PREFIX]
     assert (line.segmentation, line.posteriors) == (str(tmp_path / "seg.nii.gz"), str(tmp_path / "post.nii.gz"))
     assert line.resampled is None  # already at 1 mm
-    assert line.empty == (not np.asarray(nib.load(line.segmentation).dataobj).any())
+    seg = np.asarray(nib.load(line.segmentation).dataobj)
+    assert line.empty == (not seg.any())
+    assert line.labels_present == [int(v) for v in np.unique(seg) if v != 0]
     with open(tmp_path / "vol.csv", newline="") as f:
         header, row = list(csv.reader(f))
     assert line.labels == LABELS[1:]

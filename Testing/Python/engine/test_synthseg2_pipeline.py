@@ -213,6 +213,9 @@ def test_folder_with_parc_and_qc_one_qc_row_per_image(tiny_2, keras_ref, tmp_pat
     for line, row in zip(lines, qc[1:]):
         assert line.qc == {name: float(v) for name, v in zip(QC_NAMES[1:], row[1:])}
         assert line.labels[-68:] == list(PARCELLATION_LABELS[1:]) and len(line.volumes_mm3) == 100
+        seg = np.asarray(nib.load(line.segmentation).dataobj)
+        assert line.labels_present == [int(v) for v in np.unique(seg) if v != 0]
+        assert not {3, 42} & set(line.labels_present)  # the cortex is given as its parcels
 
 
 def test_memory_check_refuses_what_the_2_0_networks_would_not_fit(tiny_2, keras_ref, tmp_path, monkeypatch,

@@ -263,6 +263,17 @@ def test_import_labelmap_names_colours_values_terminology_geometry(scene, name):
     assert ref is volume
 
 
+def test_import_labelmap_with_the_labels_the_engine_reported_names_every_segment(scene):
+    labels = np.zeros((10, 9, 8), np.int16)
+    labels[1:4, 2:5, 1:3] = 17
+    labels[6:9, 2:5, 4:7] = 53
+    seg = import_labelmap(scene, labels, np.eye(4), "T1 SynthSeg", present_labels=[53, 17])
+    segmentation = seg.GetSegmentation()
+    found = {segmentation.GetNthSegment(i).GetLabelValue(): segmentation.GetNthSegment(i).GetName()
+             for i in range(segmentation.GetNumberOfSegments())}
+    assert found == {17: "Left-Hippocampus", 53: "Right-Hippocampus"}
+
+
 def test_segmentation_placed_in_the_input_study(scene):
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
