@@ -147,8 +147,8 @@ def run_segment(argv: list[str]) -> int:
                 raise SynthSegError(f"{inp}: file not found")
             images, folder_mode = [inp], False
             check_outputs(inp)
-        if args.v1 and (args.robust or args.parc or args.qc):
-            raise SynthSegError("--robust, --parc and --qc come with SynthSeg 2.0: they cannot be used with --v1")
+        if args.v1 and args.robust:  # as SynthSeg_predict; --parc and --qc run on 1.0's labels
+            raise SynthSegError("--v1 cannot be used with --robust: SynthSeg-robust only came out with 2.0")
         model_path = robust_model(args.model) if args.robust else resolve_model(args.model, v1=args.v1)
         device = "cpu" if args.cpu else args.device
         print(f"SynthSeg-MONAI {__version__}: loading {model_path.name}", flush=True)

@@ -8,9 +8,12 @@ and its parcellation step after the segmentation's postprocessing (``postprocess
 - ``--robust``: segmenter -> denoiser -> segmenter2 (:class:`~.synthseg2_networks.RobustSegmenter`),
   no flip pass, no smoothing, ``--fast`` postprocessing.
 - ``--parc``: the parcellation U-Net on [image, not cortex, cortex] (cortex: argmax of the chain's
-  final tensor is 3 or 42), smoothed unless ``--qc`` is also given; after postprocessing its
-  argmax labels the voxels of the final cortex mask, and its 68 volumes follow the
-  segmentation's in the CSV.
+  final tensor is 3 or 42), smoothed unless ``--qc`` is also given; its argmax labels the voxels
+  of the final cortex mask (after postprocessing), and its 68 volumes follow the segmentation's
+  in the CSV. It runs after the segmentation's postprocessing (:meth:`SynthSeg2Segmenter._label_map`)
+  and its output is consumed slab by slab (:func:`streamed_parcellation`).
+- ``--v1`` with ``--parc`` or ``--qc``: the same on SynthSeg 1.0's 32 labels (the original's
+  volumes then have no total, which moves its cortex-volume index arithmetic).
 - ``--qc FILE``: the QC network on the argmax cropped/padded to 224^3 (``MakeShape``), one CSV
   row per image.
 - ``--ct``: intensities clipped to [0, 80] before normalising.
@@ -26,14 +29,19 @@ Geometry: these modes run SynthSeg's own (the network on the whole padded volume
 Memory: the U-Nets with a skip connection at every level (segmentation, parcellation, the
 robust model's first and last) are streamed in slabs (:class:`~.inference.SlabNetwork`, any
 number of input channels); the robust model's denoiser (no top skip connections) and the QC
-network run on the whole volume: :func:`extra_bytes` estimates what they add.
+network run on the whole volume: :func:`extra_bytes` estimates what they add. The
+parcellation's 69 posteriors are never stored: until postprocessing only its input's image and
+cortex map wait, then each slab the network emits is smoothed with the rows around it
+(:func:`smoothed_rows`), masked with the final cortex, renormalised, reduced to its argmax and
+added to the parcels' soft sums, then dropped; its top skip connection is recomputed (it has no
+posterior buffer to live in).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +51,11 @@ from torch.nn import functional as F
 
 from .errors import ModelFileError
 from .inference import SlabNetwork, gaussian_kernel_3d
-from .labels import PARCELLATION_LABELS
-from .memory_estimate import check_fits, segmentation_bytes
+from .labels import PARCELLATION_LABELS, synthseg_labels
+from .memory_estimate import SLAB_FACTOR, check_fits, segmentation_bytes
 from .model_file import load_model
 from .model_registry import MODEL_SUFFIX, available_models, user_model_dir
-from .pipeline import Result, Segmenter, _Prepared
+from .pipeline import STAGES, Result, Segmenter, _Prepared
 from .postprocess import for_row_blocks
 from .synthseg2_networks import (
     CORTEX_LABELS,
@@ -60,7 +68,7 @@ from .synthseg2_networks import (
     qc_crop_to_shape,
     qc_csv_values,
 )
-from .volumes import soft_volumes, volume_row, write_csv
+from .volumes import has_total, soft_volumes, volume_row, write_csv
 
 #: installed model names SynthSeg's script loads from ``<SynthSeg>/models``
 ROBUST_MODEL, PARC_MODEL, QC_MODEL = "synthseg_robust_2.0", "synthseg_parc_2.0", "synthseg_qc_2.0"
@@ -71,6 +79,8 @@ ROBUST_CITATION = (
     "B. Billot, M. Collin, S.E. Arnold, S. Das, J.E. Iglesias"
 )
 CT_RANGE = (0.0, 80.0)  #: ``--ct`` clips intensities to this range (``predict_synthseg.py::preprocess``)
+#: the segmentation label lists ``--parc`` and ``--qc`` run with: SynthSeg 2.0's, and 1.0's (``--v1``)
+SYNTHSEG_LABEL_LISTS = (list(SEGMENTATION_LABELS_2), synthseg_labels("1.0"))
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,141 @@ def smoothed_argmax(post_xyzc: torch.Tensor, sigma: float, rows: int = 16) -> to
     return out
 
 
+def smoothed_rows(n: int, sigma: float | None, consume: Callable[[int, int, torch.Tensor], None]
+                  ) -> Callable[[int, int, torch.Tensor], None]:
+    """An ``emit(a, b, slab)`` for :meth:`SlabNetwork._pass` that passes on the rows of an
+    ``n``-row stream of (1, C, R, Y, Z) softmax slabs, Gaussian-smoothed (``layers.GaussianBlur``,
+    zero padding at the borders, as :meth:`SlabNetwork._smooth`) unless ``sigma`` is None, as
+    ``consume(a, b, rows)`` with ``rows`` (b - a, Y, Z, C) float32, in order.
+
+    Only the rows of the slab at hand and the kernel radius before and after it are held: a
+    smoothed row waits for the first rows of the next slab."""
+    if not sigma:
+        return lambda a, b, p: consume(a, b, p[0].permute(1, 2, 3, 0))
+    kernel = gaussian_kernel_3d(sigma)
+    h = kernel.shape[0] // 2
+    state: dict = {"buf": None, "buf_lo": 0, "done": 0, "w": None}
+
+    def emit(a: int, b: int, p: torch.Tensor) -> None:
+        buf = p if state["buf"] is None else torch.cat([state["buf"], p], 2)
+        state["buf"] = None
+        del p
+        done, buf_lo = state["done"], state["buf_lo"]
+        end = n if b == n else b - h
+        if end <= done:
+            state["buf"] = buf
+            return
+        if state["w"] is None:
+            c = buf.shape[1]
+            state["w"] = kernel.to(buf.device)[None, None].expand(c, 1, *kernel.shape).contiguous(
+                memory_format=torch.channels_last_3d)
+        wlo, whi = done - h, end + h
+        window = buf[:, :, max(wlo, 0) - buf_lo: min(whi, n) - buf_lo]
+        if wlo < 0 or whi > n:
+            window = F.pad(window, (0, 0, 0, 0, max(0, -wlo), max(0, whi - n)))
+        window = window.to(torch.float32).contiguous(memory_format=torch.channels_last_3d)
+        keep = max(end - h, 0)
+        if end < n:  # the unsmoothed rows the next smoothed ones need
+            state["buf"], state["buf_lo"] = buf[:, :, keep - buf_lo:].clone(), keep
+        del buf
+        state["done"] = end
+        for r in range(done, end):  # one row at a time: one row of smoothed posteriors is held
+            y = F.conv3d(window[:, :, r - done: r - done + 2 * h + 1], state["w"], groups=window.shape[1],
+                         padding=(0, h, h))
+            consume(r, r + 1, y[0].permute(1, 2, 3, 0))
+            del y
+
+    return emit
+
+
+def parcellate_rows(posteriors: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """``predict_synthseg.py::postprocess`` on voxels of the parcellation's (..., C) float32
+    posteriors, in place: channel 0 is set to ``background`` (1 outside the final cortex, 0 in
+    it), the channels renormalised; returns the argmax channel (...) uint8."""
+    posteriors[..., 0] = background
+    posteriors /= np.sum(posteriors, axis=-1)[..., np.newaxis]
+    return posteriors.argmax(-1).astype(np.uint8)
+
+
+def add_running_sums(posteriors: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """``acc`` plus the sums of channels 1.. of (..., C) posteriors, added voxel by voxel in C
+    order (as :func:`~.volumes.soft_volumes`: the same digits whatever the blocks)."""
+    rows = np.array(posteriors, dtype=acc.dtype, order="C").reshape(-1, posteriors.shape[-1])[:, 1:]
+    if not len(rows):
+        return acc
+    rows[0] += acc  # a copy: the caller's posteriors are left as they are
+    return np.add.reduce(rows, axis=0)
+
+
+def parcellation_input(image: torch.Tensor, cortex: torch.Tensor) -> torch.Tensor:
+    """[image, not cortex, cortex] (1, 3, X, Y, Z) float32, channels-last, of (rows of) the padded
+    image and its 0/1 cortex map (the network chain's)."""
+    x = torch.empty((*image.shape, 3), dtype=torch.float32, device=image.device)
+    x[..., 0] = image
+    x[..., 2] = cortex
+    torch.sub(1, x[..., 2], out=x[..., 1])
+    return x.permute(3, 0, 1, 2)[None]
+
+
+class ParcellationNetwork(SlabNetwork):
+    """The parcellation U-Net, streamed, whose input (:func:`parcellation_input`) is built slab by
+    slab from the padded image and its cortex map: it is never stored whole either."""
+
+    _cortex: torch.Tensor | None = None
+
+    def parcellation_pass(self, image: torch.Tensor, cortex: torch.Tensor,
+                          emit: Callable[[int, int, torch.Tensor], None],
+                          progress: Callable[[float], None] | None = None) -> None:
+        """:meth:`SlabNetwork._pass` on [image, not cortex, cortex] of the padded ``image`` and its
+        0/1 ``cortex`` map (X, Y, Z)."""
+        self._cortex = cortex
+        try:
+            with torch.no_grad():
+                self._pass(image[None, None], False, emit, progress)
+        finally:
+            self._cortex = None
+
+    def _input_slabs(self, x: torch.Tensor, rows: int, flipped: bool) -> Iterator[torch.Tensor]:
+        if self._cortex is None or flipped:
+            yield from super()._input_slabs(x, rows, flipped)
+            return
+        for a in range(0, x.shape[2], rows):
+            slab = parcellation_input(x[0, 0, a:a + rows], self._cortex[a:a + rows])
+            yield slab.to(self.dtype).contiguous(memory_format=self.layout)
+
+
+def streamed_parcellation(net: ParcellationNetwork, image: torch.Tensor, cortex_map: torch.Tensor,
+                          sigma: float | None, unpad: tuple[slice, slice, slice], cortex: np.ndarray,
+                          progress: Callable[[float], None] | None = None, threads: int = 1
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """The parcellation of the final cortex, slab by slab: the parcellation U-Net on the padded
+    ``image`` and the network chain's 0/1 ``cortex_map`` (:meth:`ParcellationNetwork.parcellation_pass`),
+    smoothed unless ``sigma`` is None, then in the ``unpad`` region :func:`parcellate_rows` with
+    background = not ``cortex`` (the final cortex mask, unpadded shape). Returns the argmax
+    channel map (unpadded shape, uint8) and the float32 soft sums of the parcels (channels 1..),
+    summed in RAS order over the unpadded region, as the original. Its posteriors are never
+    stored whole."""
+    xs, ys, zs = unpad
+    index = np.zeros(cortex.shape, dtype=np.uint8)
+    n_out = net.model.config.out_channels
+    state = {"sums": np.zeros(n_out - 1, dtype=np.float32)}
+
+    def consume(a: int, b: int, rows: torch.Tensor) -> None:
+        for r in range(max(a, xs.start), min(b, xs.stop)):  # row by row: small temporaries
+            p = rows[r - a, ys, zs]
+            p = p.numpy() if p.device.type == "cpu" else p.cpu().numpy()  # a view of a temporary: changed in place
+            r0 = r - xs.start
+
+            def block(i: int, j: int, p=p, r0=r0) -> None:
+                index[r0, i:j] = parcellate_rows(p[i:j], ~cortex[r0, i:j])
+
+            for_row_blocks(p.shape[0], block, threads, rows=-(-p.shape[0] // max(1, threads)))
+            state["sums"] = add_running_sums(p, state["sums"])
+
+    net.parcellation_pass(image, cortex_map, smoothed_rows(image.shape[0], sigma, consume), progress)
+    return index, state["sums"]
+
+
 def one_hot(index: torch.Tensor, depth: int) -> torch.Tensor:
     """One-hot float32 (1, depth, X, Y, Z) of an index map, laid out channels-last, built without
     an int64 one-hot."""
@@ -187,23 +332,26 @@ QC_BYTES = 4_000_000_000  #: the QC network at 224^3, measured peak (one-hot inp
 
 def extra_bytes(padded_shape: Sequence[int], options: Options, slab_budget: int) -> int:
     """Memory the 2.0 options need on top of the plain segmentation's (:func:`segmentation_bytes`),
-    for a padded network input of ``padded_shape``: the parcellation posteriors (69 float32
-    channels, kept until the volumes) with the network's input and streamed temporaries, the
-    robust chain's unstreamed denoiser, the QC network's fixed 224^3 pass."""
+    for a padded network input of ``padded_shape``: the robust chain's unstreamed denoiser and the
+    QC network's fixed 224^3 pass, during the network stage; the parcellation after
+    postprocessing, streamed (its posteriors are never stored whole)."""
     v = math.prod(padded_shape)
-    robust = parc = qc = 0
+    robust = qc = parc = 0
     if options.robust:
         # the denoiser on the whole volume (5x5x5 convolutions, the level-1 output upsampled to 32
         # channels at full resolution): 450 bytes per voxel measured at 96^3 (CPU, channels-last);
         # then segmenter2's 6-channel input and the index maps
         robust = DENOISER_BYTES_PER_VOXEL * v + 4 * 6 * v + 9 * v
-    if options.parc:
-        skips = sum(4 * f * v // 8**i for i, f in enumerate((48, 96, 192), start=1))
-        parc = 4 * len(PARCELLATION_LABELS) * v + 12 * v + 2 * v + skips + 2 * slab_budget
     if options.qc:
         qc = QC_BYTES
-    # in order: the robust chain (freed), the parcellation (kept until the volumes), the QC pass
-    return max(robust, parc + qc)
+    if options.parc:
+        # with the segmentation's posteriors and postprocessed label map (the segmentation's network
+        # pass, whose skip connections and slabs the parcellation network's match, is counted): the
+        # image and label maps kept, the parcellation's top-level stream (recomputed skip) and its
+        # consumer; 0.69 GiB at 256^3, measured 0.67 GiB over the plain run of the same geometry
+        parc = 12 * v + SLAB_FACTOR * slab_budget
+    # the cortex map (uint8) waits for the parcellation through the network stage
+    return max(options.parc * v + max(robust, qc), parc)
 
 
 # -- the segmenter ----------------------------------------------------------------------------
@@ -235,9 +383,9 @@ class SynthSeg2Segmenter(Segmenter):
         else:
             super().__init__(model, device, threads, slab_budget_mb, precision=precision,
                              tune_allocator=tune_allocator)
-        if (options.parc or options.qc) and list(self.labels) != list(SEGMENTATION_LABELS_2):
-            raise ModelFileError(f"{model}: --parc and --qc need a SynthSeg 2.0 segmentation model (its 33 "
-                                 f"labels); this one has {len(self.labels)}")
+        if (options.parc or options.qc) and list(self.labels) not in SYNTHSEG_LABEL_LISTS:
+            raise ModelFileError(f"{model}: --parc and --qc need a SynthSeg 2.0 or 1.0 segmentation model "
+                                 f"(its 33 or 32 labels); this one has {len(self.labels)}")
         if options.ct:
             self.intensity_clip = CT_RANGE
         self.parc_net = self.qc_net = None
@@ -245,8 +393,9 @@ class SynthSeg2Segmenter(Segmenter):
         if options.parc:
             self.parc_path = Path(parc_model) if parc_model else companion_model(PARC_MODEL, model, "--parc")
             net, _ = load_model(self.parc_path, "cpu", role="parcellation")
-            self.parc_net = SlabNetwork(net.to(self.device), slab_budget_mb=self.network.budget // 2**20,
-                                        dtype=self.dtype)
+            self.parc_net = ParcellationNetwork(net.to(self.device), slab_budget_mb=self.network.budget // 2**20,
+                                                dtype=self.dtype)
+            self.parc_net.between_stages = self.network.between_stages
         if options.qc:
             self.qc_path = Path(qc_model) if qc_model else companion_model(QC_MODEL, model, "--qc")
             net, _ = load_model(self.qc_path, "cpu", role="qc")
@@ -263,6 +412,8 @@ class SynthSeg2Segmenter(Segmenter):
     # -- the pipeline's steps -------------------------------------------------------------------
     def _segment(self, input_path, outputs, fast, crop, output_grid, progress, channel, auto_crop) -> Result:
         self._extra = {}
+        if progress is not None and self.options.parc:
+            progress = self._with_parcellation_progress(progress)
         try:
             # SynthSeg's geometry: the QC input's placement depends on the padded shape
             result = super()._segment(input_path, outputs, fast or self.options.robust, crop, output_grid,
@@ -274,7 +425,24 @@ class SynthSeg2Segmenter(Segmenter):
                 self._extra["qc_row"] = values
             return result
         finally:
-            self._extra.pop("parc", None)
+            self._extra.pop("parc_input", None)
+            self._extra.pop("parc_progress", None)
+
+    def _with_parcellation_progress(self, progress: Callable[[str, float], None]) -> Callable[[str, float], None]:
+        """``progress`` with the network stage's share of the run split: the segmentation (and QC)
+        networks, then postprocessing's parcellation network (stage ``parcellation``, reported by
+        :meth:`_label_map`), in proportion to their work; fractions stay increasing."""
+        start, end = STAGES["network"]
+        seg_work = 1 + (0.5 if self.options.qc else 0)
+        middle = start + (end - start) * seg_work / (seg_work + 1)
+
+        def report(stage: str, f: float) -> None:
+            if stage in ("network", "postprocessing") and start <= f <= end:
+                f = start + (f - start) * (middle - start) / (end - start)
+            progress(stage, f)
+
+        self._extra["parc_progress"] = lambda f: progress("parcellation", middle + (end - middle) * f)
+        return report
 
     def network_input_shape(self, input_path: str | os.PathLike, crop: list[int] | None = None,
                             auto_crop: bool = True, channel: int | None = None) -> tuple[int, int, int]:
@@ -288,7 +456,7 @@ class SynthSeg2Segmenter(Segmenter):
     def _network_posteriors(self, volume: torch.Tensor, fast: bool, progress: Callable[[float], None]
                             ) -> torch.Tensor:
         o = self.options
-        n_steps = 1 + o.parc + (0.5 if o.qc else 0)
+        n_steps = 1 + (0.5 if o.qc else 0)
         step = {"k": 0}
 
         def part(f: float) -> None:
@@ -306,29 +474,15 @@ class SynthSeg2Segmenter(Segmenter):
         else:
             post = super()._network_posteriors(volume, fast, part)
             final = out_index = post.argmax(0).to(torch.uint8)
-        if o.parc:
-            step["k"] = 1
-            x = self._parcellation_input(volume, final)
-            parc = streamed_softmax(self.parc_net, x, part)
-            del x
-            if sigma and not o.qc:  # with --qc the original outputs the unsmoothed softmax
-                self.parc_net._smooth(parc, sigma)
-            self._extra["parc"] = parc
+        if o.parc:  # the parcellation network runs after postprocessing (:meth:`_label_map`)
+            is_cortex = torch.tensor([lab in CORTEX_LABELS for lab in self.labels], device=final.device)
+            self._extra["parc_input"] = (volume, is_cortex[final.to(torch.int64)].to(torch.uint8))
         if o.qc:
-            step["k"] = 1 + o.parc
+            step["k"] = 1
             index = out_index if o.parc else final
             self._extra["qc"] = qc_scores_of(self.qc_net, index, self.labels)
         progress(1.0)
         return post
-
-    def _parcellation_input(self, volume: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """[image, not cortex, cortex] (1, 3, X, Y, Z) float32, channels-last."""
-        is_cortex = torch.tensor([lab in CORTEX_LABELS for lab in self.labels], device=index.device)
-        x = torch.empty((*volume.shape, 3), dtype=torch.float32, device=volume.device)
-        x[..., 0] = volume
-        x[..., 2] = is_cortex[index.to(torch.int64)]
-        torch.sub(1, x[..., 2], out=x[..., 1])
-        return x.permute(3, 0, 1, 2)[None]
 
     def _robust_posteriors(self, volume: torch.Tensor, progress: Callable[[float], None]) -> torch.Tensor:
         """``unet2_prediction`` (C, X, Y, Z) of the robust chain (no flip, no smoothing)."""
@@ -348,33 +502,32 @@ class SynthSeg2Segmenter(Segmenter):
 
     def _label_map(self, post: np.ndarray, index: np.ndarray, prep: _Prepared) -> np.ndarray:
         seg = super()._label_map(post, index, prep)
-        parc_t = self._extra.pop("parc", None)
-        if parc_t is None:
+        parc_input = self._extra.pop("parc_input", None)
+        if parc_input is None:
             return seg
         unpad = tuple(slice(lo, lo + n) for (lo, _), n in zip(prep.padding, prep.cropped_shape))
-        parc = parc_t.cpu().numpy()[unpad]  # a view: renormalised in place
         mask = np.isin(seg, CORTEX_LABELS)
-        parc_index = np.empty(seg.shape, dtype=np.int32)
-
-        def block(a: int, b: int) -> None:
-            p = parc[a:b]
-            p[..., 0] = ~mask[a:b]  # background: 1 outside the final cortex, 0 inside
-            p /= np.sum(p, axis=-1)[..., np.newaxis]
-            parc_index[a:b] = p.argmax(-1)
-
-        for_row_blocks(parc.shape[0], block, torch.get_num_threads())
+        self.parc_net.between_stages()  # postprocessing's freed temporaries go back first
+        sigma = self.pre.posterior_smoothing_sigma
+        # with --qc the original outputs the unsmoothed softmax
+        parc_index, self._extra["parc_sums"] = streamed_parcellation(
+            self.parc_net, *parc_input, sigma if sigma and not self.options.qc else None, unpad, mask,
+            self._extra.get("parc_progress"), torch.get_num_threads())
+        del parc_input
+        self.parc_net.between_stages()
         seg[mask] = np.asarray(PARCELLATION_LABELS, dtype=np.int32)[parc_index[mask]]
-        # the original sums the parcellation's posteriors unpasted, in RAS order
-        self._extra["parc_sums"] = soft_volumes(parc, dtype=np.float32)
         return seg
 
     def _volume_values(self, post: np.ndarray, prep: _Prepared, crop: list[int] | None) -> list[str]:
         if not self.options.parc:
             return super()._volume_values(post, prep, crop)
         sums = soft_volumes(prep.orientation.from_ras(post), dtype=np.float64 if crop else np.float32)
-        volumes = np.concatenate([np.array([np.sum(sums)], dtype=sums.dtype), sums])
+        volumes = sums
+        if has_total(self.labels):  # 2.0 (not --v1): the total first
+            volumes = np.concatenate([np.array([np.sum(sums)], dtype=sums.dtype), sums])
         # as ``predict_synthseg.py::postprocess``: the channel indices of labels 3 and 42, less one, in
-        # the volumes whose first value is the total: those of labels 2 and 41 (cerebral white matter)
+        # the volumes: with 2.0, whose first value is the total, those of labels 2 and 41 (cerebral
+        # white matter); with 1.0 (no total), those of the cortex itself
         cortex = np.sum(volumes[np.flatnonzero(np.isin(self.labels, CORTEX_LABELS)) - 1])
         parc = self._extra.pop("parc_sums")
         parc = parc / np.sum(parc) * parc.dtype.type(cortex)

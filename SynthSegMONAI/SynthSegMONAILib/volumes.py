@@ -23,7 +23,8 @@ def soft_volumes(posteriors_xyzc: np.ndarray, dtype=np.float32, chunk: int = 8) 
     n_ch = posteriors_xyzc.shape[-1]
     acc = np.zeros(n_ch - 1, dtype=dtype)
     for a in range(0, posteriors_xyzc.shape[0], chunk):
-        rows = np.ascontiguousarray(posteriors_xyzc[a:a + chunk], dtype=dtype).reshape(-1, n_ch)[:, 1:]
+        # a copy (np.array, not ascontiguousarray): the caller's posteriors must stay as they are
+        rows = np.array(posteriors_xyzc[a:a + chunk], dtype=dtype, order="C").reshape(-1, n_ch)[:, 1:]
         rows[0] += acc  # acc + r0 == r0 + acc: the running sum continues, in order
         acc = np.add.reduce(rows, axis=0)  # a reduction over the outer axis adds row after row
     return acc

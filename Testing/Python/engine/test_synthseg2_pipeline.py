@@ -185,8 +185,8 @@ def test_a_missing_network_names_the_file_to_import(keras_ref, tmp_path, monkeyp
     assert "synthseg_parc_2.0.safetensors" in err and "import-freesurfer" in err
     assert main([*args, "--robust"]) == 1
     assert "synthseg_robust_2.0" in capsys.readouterr().err
-    assert main([*args, "--model", str(model), "--qc", str(tmp_path / "qc.csv"), "--v1"]) == 1
-    assert "--v1" in capsys.readouterr().err
+    assert main([*args, "--robust", "--v1"]) == 1  # as the original: robust came with 2.0
+    assert "--v1 cannot be used with --robust" in capsys.readouterr().err
 
 
 def test_folder_with_parc_and_qc_one_qc_row_per_image(tiny_2, keras_ref, tmp_path, monkeypatch, capsys):
@@ -216,6 +216,11 @@ def test_folder_with_parc_and_qc_one_qc_row_per_image(tiny_2, keras_ref, tmp_pat
         seg = np.asarray(nib.load(line.segmentation).dataobj)
         assert line.labels_present == [int(v) for v in np.unique(seg) if v != 0]
         assert not {3, 42} & set(line.labels_present)  # the cortex is given as its parcels
+    # the parcellation network runs after postprocessing: its own stage, fractions still increasing
+    progress = [p for k, p in filter(None, map(parse_line, out.splitlines())) if k == "SYNTHSEG_PROGRESS"]
+    assert [p["fraction"] for p in progress] == sorted(p["fraction"] for p in progress)
+    stages = [p["stage"] for p in progress if p["image"] == 1]
+    assert stages.index("parcellation") > stages.index("postprocessing") > stages.index("network")
 
 
 def test_memory_check_refuses_what_the_2_0_networks_would_not_fit(tiny_2, keras_ref, tmp_path, monkeypatch,
@@ -236,7 +241,8 @@ def test_extra_memory_figures_at_256():
 
     shape = (256, 256, 256)
     gib = 2**30
-    assert 4 * gib < extra_bytes(shape, Options(parc=True), 256 * 2**20) < 8 * gib
+    # streamed: the parcellation's input, the cortex masks and a few slabs; never its posteriors
+    assert 0.5 * gib < extra_bytes(shape, Options(parc=True), 256 * 2**20) < 1.5 * gib
     assert 7 * gib < extra_bytes(shape, Options(robust=True), 256 * 2**20) < 9 * gib
     assert extra_bytes(shape, Options(ct=True), 256 * 2**20) == 0
 
@@ -248,3 +254,119 @@ def test_qc_csv_layout(tmp_path):
     ref = (FIXTURES / "runs" / "chris_qc" / "qc.csv").read_bytes().split(b"\r\n")[0]
     assert path.read_bytes().split(b"\r\n")[0] == ref
     assert list(csv.reader(open(path, newline="")))[1][0] == "a"
+
+
+@pytest.mark.parametrize("sigma", [None, 0.5])
+def test_streamed_parcellation_equals_a_whole_volume_computation(sigma):
+    """The parcellation consumed slab by slab (smoothing over a ring of rows, final-cortex
+    background, renormalisation, argmax, soft sums) equals the same steps on the whole volume's
+    posteriors, whatever the slab thickness."""
+    import torch
+    from torch.nn import functional as F
+
+    from SynthSegMONAILib.inference import gaussian_kernel_3d
+    from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
+    from SynthSegMONAILib.synthseg2_pipeline import (
+        ParcellationNetwork,
+        parcellation_input,
+        streamed_parcellation,
+    )
+    from SynthSegMONAILib.volumes import soft_volumes
+
+    torch.manual_seed(3)
+    n_out = 69
+    net = SynthSegUNet(UNetConfig(in_channels=3, out_channels=n_out, levels=3, features=4)).eval()
+    with torch.no_grad():  # lively BatchNorm statistics: posteriors far from uniform
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.05, 0.2)
+    shape = (36, 24, 20)
+    image = torch.rand(shape)
+    cortex_map = (torch.rand(shape) < 0.3).to(torch.uint8)  # the network chain's cortex
+    x = parcellation_input(image, cortex_map)
+    unpad = (slice(5, 31), slice(3, 20), slice(2, 17))
+    rng = np.random.default_rng(0)
+    cortex = rng.random(tuple(s.stop - s.start for s in unpad)) < 0.4
+
+    with torch.no_grad():
+        post = torch.softmax(net(x), 1)
+        if sigma:
+            kernel = gaussian_kernel_3d(sigma)
+            h = kernel.shape[0] // 2
+            post = F.conv3d(post, kernel[None, None].expand(n_out, 1, *kernel.shape), groups=n_out, padding=h)
+    ref = post[0].permute(1, 2, 3, 0).numpy()[unpad].copy()
+    ref[..., 0] = ~cortex
+    ref /= np.sum(ref, axis=-1)[..., np.newaxis]
+    ref_index, ref_sums = ref.argmax(-1), soft_volumes(ref, dtype=np.float32)
+
+    slab = ParcellationNetwork(net)
+    row_bytes = 4 * n_out * shape[1] * shape[2] * 4  # what the top level's slabs cost per row
+    for rows in (4, 6, 10, 36):
+        slab.budget = rows * row_bytes
+        seen = []
+        index, sums = streamed_parcellation(slab, image, cortex_map, sigma, unpad, cortex, seen.append, threads=2)
+        assert index.dtype == np.uint8 and index.shape == cortex.shape
+        assert (index == ref_index).all(), rows
+        np.testing.assert_allclose(sums, ref_sums, rtol=1e-5)
+        assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+        assert not index[~cortex].any() and index[cortex].all()  # parcels in the cortex, background elsewhere
+
+
+def test_v1_parc_and_qc_run_on_synthseg_1_0_labels(models_2, imported_models, keras_ref, tmp_path, monkeypatch,
+                                                   capsys):
+    """``--v1`` with ``--parc`` / ``--qc``, as the original runs them (no fixture of the original):
+    outside the cortex the plain ``--v1`` segmentation, the cortex as parcels; volumes without a
+    total, the parcels scaled to the cortex's volume (with 1.0, the original's ``- 1`` index
+    arithmetic lands on labels 3 and 42 themselves); the QC CSV's layout."""
+    from SynthSegMONAILib import synthseg2_pipeline
+    from SynthSegMONAILib.labels import csv_names, synthseg_labels
+
+    monkeypatch.setattr(synthseg2_pipeline, "QC_INPUT_SHAPE", 64)  # the real 224^3 is covered above
+    monkeypatch.setenv("SYNTHSEG_MONAI_MODELS", str(models_2))  # the 2.0 parcellation and QC networks
+    monkeypatch.setenv("SYNTHSEG_MONAI_HOME", str(tmp_path / "home"))
+    common = ["--i", str(keras_ref / "inputs" / "t1_crop.mgz"), "--crop", "64", "--v1", "--model",
+              str(imported_models["1.0"]), "--threads", "2"]
+
+    def run(name: str, *extra: str) -> tuple[np.ndarray, list[list[str]]]:
+        assert main([*common, "--o", str(tmp_path / f"{name}.nii.gz"), "--vol", str(tmp_path / f"{name}.csv"),
+                     *extra]) == 0
+        return np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj), _rows(tmp_path / f"{name}.csv")
+
+    plain, plain_vol = run("plain")
+    parc, parc_vol = run("parc", "--parc")
+    qc_seg, qc_vol = run("with_qc", "--qc", str(tmp_path / "qc.csv"))
+    capsys.readouterr()
+    labels = synthseg_labels("1.0")
+    cortex = np.isin(plain, (3, 42))
+    assert cortex.any()
+    assert np.array_equal(parc[~cortex], plain[~cortex])
+    assert np.array_equal(cortex, parc >= 1000) and np.isin(parc[cortex], PARCELLATION_LABELS[1:]).all()
+    assert np.array_equal(qc_seg, plain) and qc_vol == plain_vol
+
+    assert plain_vol[0] == ["subject", *csv_names(labels[1:])]  # 1.0: no total intracranial column
+    assert parc_vol[0] == [*plain_vol[0], *PARCELLATION_NAMES[1:]]
+    assert parc_vol[1][:len(labels)] == plain_vol[1]
+    structures = dict(zip(labels[1:], map(float, parc_vol[1][1:len(labels)])))
+    parcels = np.array(parc_vol[1][len(labels):], dtype=float)
+    assert len(parcels) == 68 and (parcels >= 0).all()
+    assert parcels.sum() == pytest.approx(structures[3] + structures[42], abs=0.05)
+
+    qc = _rows(tmp_path / "qc.csv")
+    assert qc[0] == ["subject", *QC_NAMES[1:]]
+    assert len(qc) == 2 and qc[1][0] == "t1_crop.mgz"  # the row name: only .nii.gz is cut
+    assert all(len(v) == 6 and 0 <= float(v) <= 1 for v in qc[1][1:])
+
+
+def test_running_soft_sums_match_the_whole_volume_sums_and_leave_the_posteriors_alone():
+    from SynthSegMONAILib.synthseg2_pipeline import add_running_sums
+    from SynthSegMONAILib.volumes import soft_volumes
+
+    post = np.random.default_rng(1).random((20, 6, 5, 4), dtype=np.float32)  # contiguous float32
+    before = post.copy()
+    whole = soft_volumes(post)
+    acc = np.zeros(3, dtype=np.float32)
+    for a, b in ((0, 3), (3, 4), (4, 13), (13, 20)):
+        acc = add_running_sums(post[a:b], acc)
+    assert np.array_equal(acc, whole)  # the same additions in the same order
+    assert np.array_equal(post, before)
