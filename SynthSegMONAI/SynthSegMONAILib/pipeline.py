@@ -206,7 +206,7 @@ class Segmenter:
         prep.padded = None
         post_t = self._network_posteriors(volume, fast, net_progress)
         del volume
-        if not torch.isfinite(post_t.sum(dtype=torch.float32)):
+        if not all_finite(post_t):
             raise ModelFileError(f"{input_path}: the network's output holds NaN or infinite values "
                                  "(the model's weights overflow on this image)")
         # (X, Y, Z, C), as SynthSeg's arrays: the network's buffer is laid out so
@@ -397,6 +397,12 @@ class Segmenter:
                 save_image(post_in, affine, header, tx.temporary(outputs.posteriors), dtype="float32")
                 written["posteriors"] = outputs.posteriors
         return written, labels_present(seg)
+
+
+def all_finite(post: torch.Tensor, rows: int = 8) -> bool:
+    """Whether every value of (C, X, Y, Z) posteriors is finite, checked a few rows of X at a time:
+    a whole-tensor reduction would allocate a float32 (or bool) copy of a float16 buffer."""
+    return all(bool(torch.isfinite(post[:, a:a + rows]).all()) for a in range(0, post.shape[1], rows))
 
 
 def labels_present(seg: np.ndarray) -> list[int]:

@@ -241,3 +241,38 @@ def test_in_memory_network_needs_matching_labels(tmp_path):
         Segmenter(torch.nn.Linear(2, 2), device="cpu", labels=LABELS)
     with pytest.raises(ValueError, match="model file"):
         Segmenter(tmp_path / "x.safetensors", device="cpu", labels=LABELS)
+
+
+def test_posterior_check_finds_a_non_finite_value_in_any_row_of_a_float16_buffer():
+    from SynthSegMONAILib.pipeline import all_finite
+
+    post = torch.rand((5, 21, 6, 7)).to(torch.float16)  # (C, X, Y, Z), rows of X checked in blocks
+    assert all_finite(post)
+    for value, row in ((float("inf"), 20), (float("nan"), 0), (float("-inf"), 9)):
+        bad = post.clone()
+        bad[3, row, 2, 1] = value
+        assert not all_finite(bad)
+    # a channels-last view, as the pipeline's buffer
+    assert all_finite(post.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2))
+
+
+def test_a_model_whose_output_overflows_is_an_error_not_a_segmentation(tmp_path, capsys):
+    labels = synthseg_labels("2.0")
+    torch.manual_seed(0)
+    cfg = UNetConfig(out_channels=len(labels), levels=2, features=4)
+    net = SynthSegUNet(cfg)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.fill_(3e37)  # finite weights whose products overflow float32
+    model = save_model(tmp_path / "overflow.safetensors", net,
+                       ModelInfo(network=cfg, labels=labels, name="overflow",
+                                 preprocessing=dict(DEFAULT_PREPROCESSING, min_pad=32)))
+    image = np.zeros((40, 40, 40), np.float32)
+    image[8:32, 8:32, 8:32] = np.random.default_rng(0).random((24, 24, 24)) + 1
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "t1.nii.gz"))
+    rc = main(["--i", str(tmp_path / "t1.nii.gz"), "--o", str(tmp_path / "seg.nii.gz"), "--model", str(model),
+               "--threads", "1"])
+    assert rc == 1
+    assert "NaN or infinite" in capsys.readouterr().err
+    assert not (tmp_path / "seg.nii.gz").exists()
