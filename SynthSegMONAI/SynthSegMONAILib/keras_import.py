@@ -25,7 +25,8 @@ _CONV = re.compile(r"^unet_conv_(downarm|uparm)_(\d+)_(\d+)$")
 _BN = re.compile(r"^unet_bn_(down|up)_(\d+)$")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -245,6 +246,6 @@ def import_keras(path: str | os.PathLike, output: str | os.PathLike,
         description=f"SynthSeg {version or 'segmentation'} network imported from {path.name}",
         synthseg_version=version,
         provenance={"origin": "keras-import", "source_file": path.name,
-                    "source_sha256": _sha256(path)},
+                    "source_sha256": file_sha256(path)},
     )
     return save_model(output, model, info)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError
-from .keras_import import _sha256, _weight_datasets, import_keras, open_keras_file
+from .keras_import import _weight_datasets, file_sha256, import_keras, open_keras_file
 from .memory_estimate import check_fits
 from .model_file import ModelInfo, fixed_info, save_model, weight_problem
 from .network import SynthSegUNet
@@ -183,7 +183,7 @@ def import_keras_any(path: str | os.PathLike, output: str | os.PathLike, name: s
     info = ModelInfo(network=network, labels=labels, name=name or path.stem,
                      description=f"{what} network imported from {path.name}", synthseg_version="2.0",
                      provenance={"origin": "keras-import", "source_file": path.name,
-                                 "source_sha256": _sha256(path)},
+                                 "source_sha256": file_sha256(path)},
                      architecture=architecture)
     return save_model(output, model, info)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ from .synthseg2_networks import (
     qc_crop_to_shape,
     qc_csv_values,
 )
-from .volumes import has_total, soft_volumes, volume_row, write_csv
+from .volumes import add_running_sums, has_total, soft_volumes, volume_row, write_csv
 
 #: installed model names SynthSeg's script loads from ``<SynthSeg>/models``
 ROBUST_MODEL, PARC_MODEL, QC_MODEL = "synthseg_robust_2.0", "synthseg_parc_2.0", "synthseg_qc_2.0"
@@ -218,16 +219,6 @@ def parcellate_rows(posteriors: np.ndarray, background: np.ndarray) -> np.ndarra
     posteriors[..., 0] = background
     posteriors /= np.sum(posteriors, axis=-1)[..., np.newaxis]
     return posteriors.argmax(-1).astype(np.uint8)
-
-
-def add_running_sums(posteriors: np.ndarray, acc: np.ndarray) -> np.ndarray:
-    """``acc`` plus the sums of channels 1.. of (..., C) posteriors, added voxel by voxel in C
-    order (as :func:`~.volumes.soft_volumes`: the same digits whatever the blocks)."""
-    rows = np.array(posteriors, dtype=acc.dtype, order="C").reshape(-1, posteriors.shape[-1])[:, 1:]
-    if not len(rows):
-        return acc
-    rows[0] += acc  # a copy: the caller's posteriors are left as they are
-    return np.add.reduce(rows, axis=0)
 
 
 def parcellation_input(image: torch.Tensor, cortex: torch.Tensor) -> torch.Tensor:
@@ -419,6 +410,9 @@ class SynthSeg2Segmenter(Segmenter):
             result = super()._segment(input_path, outputs, fast or self.options.robust, crop, output_grid,
                                       progress, channel, False)
             result.labels = self.volume_labels
+            if "parc_seconds" in self._extra:  # timed apart from the postprocessing it runs within
+                result.timings["parcellation"] = self._extra["parc_seconds"]
+                result.timings["postprocess"] -= self._extra["parc_seconds"]
             if self.options.qc:
                 values = qc_csv_values(self._extra["qc"])
                 result.qc = {name: float(v) for name, v in zip(QC_NAMES[1:], values)}
@@ -509,12 +503,14 @@ class SynthSeg2Segmenter(Segmenter):
         mask = np.isin(seg, CORTEX_LABELS)
         self.parc_net.between_stages()  # postprocessing's freed temporaries go back first
         sigma = self.pre.posterior_smoothing_sigma
+        start = time.perf_counter()
         # with --qc the original outputs the unsmoothed softmax
         parc_index, self._extra["parc_sums"] = streamed_parcellation(
             self.parc_net, *parc_input, sigma if sigma and not self.options.qc else None, unpad, mask,
             self._extra.get("parc_progress"), torch.get_num_threads())
         del parc_input
         self.parc_net.between_stages()
+        self._extra["parc_seconds"] = time.perf_counter() - start
         seg[mask] = np.asarray(PARCELLATION_LABELS, dtype=np.int32)[parc_index[mask]]
         return seg
 

@@ -14,19 +14,27 @@ from .labels import csv_names
 from .output_files import atomic_output
 
 
+def add_running_sums(posteriors: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """``acc`` plus the sums of channels 1.. of (..., C) posteriors, added voxel by voxel in C
+    order, in ``acc``'s dtype: blocks summed one after the other give the same digits as one
+    whole-array pass (:func:`soft_volumes`). The posteriors are left as they are."""
+    # a copy (np.array, not ascontiguousarray): the caller's posteriors must stay as they are
+    rows = np.array(posteriors, dtype=acc.dtype, order="C").reshape(-1, posteriors.shape[-1])[:, 1:]
+    if not len(rows):
+        return acc
+    rows[0] += acc  # acc + r0 == r0 + acc: the running sum continues, in order
+    return np.add.reduce(rows, axis=0)  # a reduction over the outer axis adds row after row
+
+
 def soft_volumes(posteriors_xyzc: np.ndarray, dtype=np.float32, chunk: int = 8) -> np.ndarray:
     """Per-channel sums over voxels of channels 1.., accumulated voxel by voxel in C order.
 
     ``posteriors_xyzc`` is the (X, Y, Z, C) array, or any view of it, in the INPUT's voxel
     order: SynthSeg sums that array sequentially, so the same order gives the same digits.
     """
-    n_ch = posteriors_xyzc.shape[-1]
-    acc = np.zeros(n_ch - 1, dtype=dtype)
+    acc = np.zeros(posteriors_xyzc.shape[-1] - 1, dtype=dtype)
     for a in range(0, posteriors_xyzc.shape[0], chunk):
-        # a copy (np.array, not ascontiguousarray): the caller's posteriors must stay as they are
-        rows = np.array(posteriors_xyzc[a:a + chunk], dtype=dtype, order="C").reshape(-1, n_ch)[:, 1:]
-        rows[0] += acc  # acc + r0 == r0 + acc: the running sum continues, in order
-        acc = np.add.reduce(rows, axis=0)  # a reduction over the outer axis adds row after row
+        acc = add_running_sums(posteriors_xyzc[a:a + chunk], acc)
     return acc
 
 

@@ -8,7 +8,6 @@ there. Posteriors are stored as full argmax maps plus the softmax at 1024 fixed 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from SynthSegMONAILib.errors import ModelFileError
 from SynthSegMONAILib.inference import SlabNetwork
-from SynthSegMONAILib.keras_import import load_keras_model
+from SynthSegMONAILib.keras_import import file_sha256, load_keras_model
 from SynthSegMONAILib.keras_import_synthseg2 import (
     load_keras_parcellation,
     load_keras_qc,
@@ -44,14 +43,6 @@ from SynthSegMONAILib.synthseg2_networks import (
 FIXTURES = Path(__file__).resolve().parents[2] / "Data" / "synthseg2"
 SOFTMAX_TOLERANCE = 2e-4  # float32 round-off of random networks (set A's README)
 QC_TOLERANCE = 1e-4
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +104,7 @@ def _compare(ours: torch.Tensor, ref, name: str, tolerance: float = SOFTMAX_TOLE
 
 def test_weight_script_is_bit_for_bit(weight_files):
     expected = json.loads((FIXTURES / "weights_sha256.json").read_text())
-    assert {p.name: _sha256(p) for p in weight_files.values()} == expected
+    assert {p.name: file_sha256(p) for p in weight_files.values()} == expected
 
 
 def test_robust_chain(nets, ref, image):

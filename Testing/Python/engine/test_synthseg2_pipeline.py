@@ -216,6 +216,7 @@ def test_folder_with_parc_and_qc_one_qc_row_per_image(tiny_2, keras_ref, tmp_pat
         seg = np.asarray(nib.load(line.segmentation).dataobj)
         assert line.labels_present == [int(v) for v in np.unique(seg) if v != 0]
         assert not {3, 42} & set(line.labels_present)  # the cortex is given as its parcels
+        assert line.timings["parcellation"] > 0 and line.timings["postprocess"] >= 0
     # the parcellation network runs after postprocessing: its own stage, fractions still increasing
     progress = [p for k, p in filter(None, map(parse_line, out.splitlines())) if k == "SYNTHSEG_PROGRESS"]
     assert [p["fraction"] for p in progress] == sorted(p["fraction"] for p in progress)
@@ -359,8 +360,7 @@ def test_v1_parc_and_qc_run_on_synthseg_1_0_labels(models_2, imported_models, ke
 
 
 def test_running_soft_sums_match_the_whole_volume_sums_and_leave_the_posteriors_alone():
-    from SynthSegMONAILib.synthseg2_pipeline import add_running_sums
-    from SynthSegMONAILib.volumes import soft_volumes
+    from SynthSegMONAILib.volumes import add_running_sums, soft_volumes
 
     post = np.random.default_rng(1).random((20, 6, 5, 4), dtype=np.float32)  # contiguous float32
     before = post.copy()
