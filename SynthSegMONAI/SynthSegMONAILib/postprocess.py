@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from scipy.ndimage import label as connected_components
 
+from .half_float import as_float32, store
+
 Box = tuple[slice, slice, slice]
 ROWS_PER_BLOCK = 4  #: rows of the first axis per block of work (a few MB of posteriors at 256^2)
 
@@ -54,26 +56,6 @@ def for_row_blocks(n: int, work: Callable[[int, int], object], threads: int = 1,
         return [work(a, b) for a, b in blocks]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(lambda ab: work(*ab), blocks))
-
-
-def as_float32(block: np.ndarray) -> np.ndarray:
-    """A block of posteriors in float32 (itself when it is; float16 is converted by PyTorch,
-    several times faster than NumPy)."""
-    if block.dtype == np.float32:
-        return block
-    import torch
-
-    return torch.from_numpy(block).float().numpy()
-
-
-def store(block: np.ndarray, values: np.ndarray) -> None:
-    """``block[...] = values`` (float32 into float16 through PyTorch)."""
-    if block.dtype == np.float32:
-        block[...] = values
-        return
-    import torch
-
-    torch.from_numpy(block).copy_(torch.from_numpy(values))
 
 
 def _brain_above(q: np.ndarray, threshold: float, out: np.ndarray) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputPathError
+from .half_float import as_float32
 from .labels import csv_names
 from .output_files import atomic_output
 
@@ -18,8 +19,12 @@ def add_running_sums(posteriors: np.ndarray, acc: np.ndarray) -> np.ndarray:
     """``acc`` plus the sums of channels 1.. of (..., C) posteriors, added voxel by voxel in C
     order, in ``acc``'s dtype: blocks summed one after the other give the same digits as one
     whole-array pass (:func:`soft_volumes`). The posteriors are left as they are."""
-    # a copy (np.array, not ascontiguousarray): the caller's posteriors must stay as they are
-    rows = np.array(posteriors, dtype=acc.dtype, order="C").reshape(-1, posteriors.shape[-1])[:, 1:]
+    # a copy (never the input itself, which ``rows[0] += acc`` would change)
+    if posteriors.dtype == np.float16 and acc.dtype == np.float32:
+        rows = as_float32(posteriors)
+    else:
+        rows = np.array(posteriors, dtype=acc.dtype, order="C")
+    rows = rows.reshape(-1, posteriors.shape[-1])[:, 1:]
     if not len(rows):
         return acc
     rows[0] += acc  # acc + r0 == r0 + acc: the running sum continues, in order

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import label as scipy_label
 
+from SynthSegMONAILib.half_float import as_float32
 from SynthSegMONAILib.head_box import crop_of_field, field_span, head_spans, network_field
 from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING
 from SynthSegMONAILib.postprocess import (
@@ -33,6 +34,7 @@ from SynthSegMONAILib.preprocess import (
     resampled_affine,
     round_up,
 )
+from SynthSegMONAILib.volumes import soft_volumes
 
 # ------------------------------------------------------------------------------ preprocessing
 
@@ -292,6 +294,19 @@ def test_float16_posteriors_are_postprocessed_in_float32():
         assert got16.dtype == np.float16
         np.testing.assert_array_equal(index16, index32)
         np.testing.assert_allclose(got16.astype(np.float32), got32, atol=1e-3)
+
+
+@pytest.mark.parametrize("view", [(slice(None),) * 3, (slice(None, None, -1), slice(None), slice(None, None, -1))],
+                         ids=["as stored", "axes reversed"])
+def test_soft_volumes_of_float16_posteriors_are_the_float32_sums_of_their_values(view):
+    post16 = _posteriors(seed=7).astype(np.float16)[view]
+    expected = soft_volumes(np.array(post16, dtype=np.float32))  # NumPy's own conversion, same order
+    before = post16.copy()
+    got = soft_volumes(post16)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(post16, before)
+    np.testing.assert_array_equal(as_float32(post16), np.array(post16, dtype=np.float32))
 
 
 def test_brain_mask_is_the_largest_component_of_the_non_background():
