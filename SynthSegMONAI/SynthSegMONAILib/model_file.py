@@ -235,7 +235,13 @@ def check_tensor_layout(path: Path, network: UNetConfig | ModelInfo,
 def weight_problem(name: str, tensor: torch.Tensor) -> str | None:
     """What makes a tensor unusable: NaN or infinite values, negative BatchNorm variances (either
     gives all-background segmentations and NaN volumes without any error)."""
-    if not bool(torch.isfinite(tensor).all()):
+    if tensor.dtype == torch.float64:
+        finite = bool(torch.isfinite(tensor).all())
+    else:
+        # a float64 sum is NaN or infinite exactly when a value is (float32, float16 and bfloat16
+        # values cannot overflow it), and it is several times faster than isfinite().all()
+        finite = math.isfinite(tensor.sum(dtype=torch.float64).item())
+    if not finite:
         return f"tensor {name} holds NaN or infinite values"
     if name.endswith("running_var") and bool((tensor < 0).any()):
         return f"tensor {name} holds negative BatchNorm variances"

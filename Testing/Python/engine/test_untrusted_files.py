@@ -28,7 +28,14 @@ from safetensors.torch import save_file
 
 from SynthSegMONAILib.cli import main
 from SynthSegMONAILib.labels import synthseg_labels
-from SynthSegMONAILib.model_file import DEFAULT_PREPROCESSING, ModelInfo, _checksum, model_tensors, save_model
+from SynthSegMONAILib.model_file import (
+    DEFAULT_PREPROCESSING,
+    ModelInfo,
+    _checksum,
+    model_tensors,
+    save_model,
+    weight_problem,
+)
 from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[3]
@@ -505,6 +512,17 @@ def test_nan_weights_with_a_valid_checksum_are_refused(tiny_model, tmp_path, cap
     rc, err = _segment(model, image, out / "seg.nii.gz", capsys, "--vol", str(out / "vol.csv"))
     assert rc == 1 and f"tensor {tensor} holds" in err, err
     assert not _files(tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_weight_check_finds_every_non_finite_value_and_no_other(dtype):
+    big = torch.finfo(dtype).max
+    assert weight_problem("w", torch.full((1000,), big, dtype=dtype)) is None  # finite, however large
+    assert weight_problem("w", torch.tensor([-big, big, 0.5], dtype=dtype)) is None
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        t = torch.zeros(1000, dtype=dtype)
+        t[17:17 + len(bad)] = torch.tensor(bad, dtype=dtype)
+        assert weight_problem("w", t) == "tensor w holds NaN or infinite values"
 
 
 def _non_finite_positions(tmp: Path) -> dict[str, Path]:
