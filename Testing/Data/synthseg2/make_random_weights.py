@@ -12,7 +12,10 @@ Only numpy and h5py are used, and every value comes from the raw 64-bit output o
 turned into floats by exact arithmetic, so the files are the same bit for bit on any platform
 and numpy version. BatchNorm running statistics and a few output biases come from
 ``calibration.npz`` beside this script (float16 numbers measured once on a real crop: see
-README.md); without it they default to mean 0, variance 1 and bias 0.
+README.md); without it they default to mean 0, variance 1 and bias 0. Two deliberate changes
+keep whole runs comparable despite the random networks' chaos: the second robust segmenter gets
+no weight on its group inputs, and the parcellation network's mask inputs are scaled by
+``PARC_MASK_SCALE`` (README.md).
 
 Usage: ``python make_random_weights.py OUTPUT_FOLDER [--no-calibration]``.
 """
@@ -30,6 +33,9 @@ CALIBRATION = HERE / "calibration.npz"
 FILES = {"robust": "synthseg_robust_2.0_random.h5", "parc": "synthseg_parc_2.0_random.h5",
          "qc": "synthseg_qc_2.0_random.h5"}
 SEEDS = {"robust": 2031, "parc": 2032, "qc": 2033}
+#: factor on the mask-channel weights (input channels 1-2: not-cortex, cortex) of the parcellation
+#: network's first convolution; a power of two, so the scaled float32 values are exact
+PARC_MASK_SCALE = 2.0**-8
 
 
 def unet_layers(prefix: str, in_channels: int, out_channels: int, features: int, kernel: int,
@@ -147,6 +153,13 @@ def make_weights(which: str, calibration: dict[str, np.ndarray] | None = None
                 # of the first segmenter changed a quarter of its output), which would make
                 # whole --robust runs impossible to compare; each network is tested on its own
                 arrays["kernel"][..., 1:, :] = 0
+            if name == "unet_parc_conv_downarm_0_0":
+                # the parcellation network barely listens to the cortex mask (input channels 1-2):
+                # at full weight one flipped voxel of the mask changed ~1,000 voxels of its argmax
+                # (chaotic random network), so a near-tie voxel of the segmentation would spoil
+                # whole --parc runs; scaled, not zeroed, so swapped or dropped mask channels still
+                # change the parcellation clearly (README.md, "Why unet_parc barely sees the mask")
+                arrays["kernel"][..., 1:, :] *= np.float32(PARC_MASK_SCALE)
         if "gamma" in shapes:
             c = shapes["gamma"]
             arrays["gamma"] = draw(0.6, 1.6, c)

@@ -27,8 +27,10 @@ from SynthSegMONAILib.synthseg2_networks import QC_NAMES
 FIXTURES = Path(__file__).resolve().parents[2] / "Data" / "synthseg2"
 RUNS = ["t1_parc", "t1_parc_fast", "t2w_robust", "t2w_ct", "chris_qc", "flair_parc_robust_qc_fast",
         "t1_parc_qc_crop64"]
+# share of identical segmentation voxels, parcels included (the cortex as its parcels); the random
+# parcellation network barely sees its cortex-mask inputs (make_random_weights.py), so a near-tie
+# voxel of the segmentation changes a few tens of parcel voxels, not a thousand
 VOXEL_AGREEMENT = 0.999
-PARCEL_AGREEMENT = 0.998
 VOLUME_RTOL = 1e-3  # 0.1 %
 # ... or one voxel: a voxel at a postprocessing threshold flips between TensorFlow graphs too (the
 # original's own t1_parc and set A's t1_default differ by 0.994 mm^3 in the left thalamus)
@@ -106,12 +108,12 @@ def compare_image(ours: Path, ref: Path) -> float:
     od, rd = np.asarray(o.dataobj), np.asarray(r.dataobj)
     if "_synthseg" in ref.name:
         agreement = float((od == rd).mean())
-        # structures (the parcels as the cortex they divide) agree to 99.9 %; the parcels themselves
-        # to 99.8 %: a near-tie voxel of the cortex mask fed to the parcellation network changes its
-        # unsmoothed argmax around it (847 voxels in flair_parc_robust_qc_fast, 3 outside the cortex)
-        assert float((_structures(od) == _structures(rd)).mean()) >= VOXEL_AGREEMENT
-        assert agreement >= PARCEL_AGREEMENT
+        structures = float((_structures(od) == _structures(rd)).mean())  # the parcels as their cortex
+        assert agreement >= VOXEL_AGREEMENT, f"{ref.name}: {agreement:.5%} of the voxels agree " \
+                                             f"({structures:.5%} as structures)"
         assert set(np.unique(od)) <= set(np.unique(rd)) | {0}
+        print(f"{ref.parent.name}: voxels {agreement:.5%} ({int((od != rd).sum())} of {od.size} differ), "
+              f"structures {structures:.5%}")  # shown by pytest -rP
         return agreement
     close = float((np.abs(od - rd) <= 1e-2).mean())
     assert close >= VOXEL_AGREEMENT
