@@ -27,6 +27,14 @@ connection kept in it, by plain copies. The posterior smoothing is linear and co
 the left-right flip (its kernel is symmetric), so with flip averaging it is applied once, to
 the averaged posteriors, instead of once per pass.
 
+U-Nets without skip connections at their top ``skip_n_concatenations`` levels (SynthSeg 2.0's
+label denoiser, :class:`~.synthseg2_networks.DenoiserUNet`) stream the same way: those levels'
+encoder rows are not stored, their decoder's first convolution sees the upsampled lower level
+alone (the transposed convolution above, plus its bias), and a skip-less decoder level below the
+top writes its output into a buffer of its own. An input may also be a :class:`BuiltInput`,
+whose rows are made when its slabs are read (a one-hot of a uint8 map, say): it is never
+stored whole. :class:`SlabEncoder` streams SynthSeg 2.0's QC regressor, a pure encoder.
+
 ``dtype=torch.bfloat16`` runs the convolutions, and keeps their activations, in bfloat16
 (for CPUs with native bf16 instructions, and GPUs); the head, softmax and smoothing stay in
 float32, and the posteriors are stored in float16 (half the memory of the largest buffer;
@@ -48,6 +56,17 @@ ProgressFn = Callable[[float], None]
 Rows = Iterator[torch.Tensor]  # successive slabs of a (1, C, X, Y, Z) tensor, rows 0..X in order
 
 MIN_ROWS = 4  # thinner slabs make the convolutions inefficient
+
+
+class BuiltInput:
+    """A network input (1, C, X, Y, Z) that is never stored whole: ``rows(a, b)`` builds its rows
+    [a, b) as a (1, C, b - a, Y, Z) tensor when a slab of them is needed."""
+
+    def __init__(self, channels: int, spatial: tuple[int, int, int] | torch.Size,
+                 rows: Callable[[int, int], torch.Tensor], device: torch.device | str = "cpu"):
+        self.shape = (1, channels, *spatial)
+        self.rows = rows
+        self.device = torch.device(device)
 
 
 def gaussian_kernel_3d(sigma: float) -> torch.Tensor:
@@ -76,7 +95,9 @@ def upsampling_deconv_weights(weight: torch.Tensor) -> torch.Tensor:
 
 
 class SlabNetwork:
-    """Evaluates a :class:`SynthSegUNet` in streamed slabs; see the module docstring.
+    """Evaluates a :class:`SynthSegUNet` in streamed slabs; see the module docstring. A model with a
+    ``skip_n_concatenations`` attribute (:class:`~.synthseg2_networks.DenoiserUNet`) has no skip
+    connections at that many top levels.
 
     ``slab_budget_mb`` bounds the temporaries of one slab (it sets the slab thickness);
     ``channels_last`` runs the convolutions in the channels-last layout, faster on CPUs;
@@ -100,6 +121,8 @@ class SlabNetwork:
         cfg = model.config
         self.halo = cfg.kernel_size // 2
         self.feats = cfg.level_features()
+        #: the top levels without a skip connection (0: every level has one)
+        self.skipless = min(getattr(model, "skip_n_concatenations", 0), cfg.levels - 1)
         device = next(model.parameters()).device
         if channels_last is None:
             channels_last = device.type == "cpu"
@@ -107,7 +130,7 @@ class SlabNetwork:
         with torch.no_grad():
             # per conv: (weight of its full-resolution input, bias, weight for the upsampled input)
             self.enc = [[self._weights(c.conv) for c in level.convs] for level in model.encoder]
-            self.dec = [[self._weights(c.conv, split=self.feats[i] if j == 0 else None)
+            self.dec = [[self._weights(c.conv, split=(0 if i < self.skipless else self.feats[i]) if j == 0 else None)
                          for j, c in enumerate(level.convs)] for i, level in enumerate(model.decoder)]
             # the top decoder's BatchNorm folded into the 1x1x1 head: one pass over the slab less
             bn, head = model.decoder[0].bn, model.head
@@ -156,6 +179,25 @@ class SlabNetwork:
         z = F.conv_transpose3d(low[:, :, r0:r1], w_up, stride=2, padding=(0, h, h))
         first = 2 * r0 - h  # the row of `y`'s volume that z's first row is
         y += z[:, :, olo - first: ohi - first]
+
+    def _upsampled_stream(self, low: torch.Tensor, n: int, convs, rows: int,
+                          then: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rows:
+        """A decoder level without skip connection as a stream of ``n`` rows: its first conv sees
+        the x2 upsampling of ``low`` alone (no input rows to read), the others as usual."""
+        (w, bias, w_up), rest = convs[0], convs[1:]
+
+        def first() -> Rows:
+            shape = (1, w.shape[0], 0, *(2 * s for s in low.shape[3:]))
+            for a in range(0, n, rows):
+                b = min(a + rows, n)
+                y = torch.zeros(shape[:2] + (b - a,) + shape[3:], dtype=low.dtype, device=low.device
+                                ).contiguous(memory_format=self.layout)
+                self._add_upsampled_conv(y, low, w_up, a, b)
+                y = F.elu(y.add_(bias.view(1, -1, 1, 1, 1)), inplace=True)
+                yield then(y) if then is not None and not rest else y
+                del y
+
+        return self._conv_stream(first(), n, rest, then=then) if rest else first()
 
     def _posteriors_of(self, f: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
         """Softmax, in float32, of the head's output for the top decoder's slab ``f`` (channels
@@ -230,9 +272,14 @@ class SlabNetwork:
     def _input_slabs(self, x: torch.Tensor, rows: int, flipped: bool) -> Rows:
         """Slabs of ``x``, or of ``x`` flipped along its first axis, in the working layout."""
         n = x.shape[2]
+        if isinstance(x, BuiltInput) and flipped:
+            raise ValueError("a built input has no flip pass")
         for a in range(0, n, rows):
             b = min(a + rows, n)
-            slab = x[:, :, n - b: n - a].flip(2) if flipped else x[:, :, a:b]
+            if isinstance(x, BuiltInput):
+                slab = x.rows(a, b)
+            else:
+                slab = x[:, :, n - b: n - a].flip(2) if flipped else x[:, :, a:b]
             yield slab.to(self.dtype).contiguous(memory_format=self.layout)
 
     @staticmethod
@@ -286,7 +333,7 @@ class SlabNetwork:
         return self.model.encoder[-1].bn(x)
 
     # -- one pass --------------------------------------------------------------------
-    def _pass(self, x: torch.Tensor, flipped: bool, emit: Callable[[int, int, torch.Tensor], None],
+    def _pass(self, x: torch.Tensor | BuiltInput, flipped: bool, emit: Callable[[int, int, torch.Tensor], None],
               progress: ProgressFn | None, skip0: torch.Tensor | None = None,
               channels: torch.Tensor | None = None) -> None:
         """Run the network on ``x`` (1, 1, X, Y, Z), or on ``x`` flipped along X;
@@ -295,15 +342,18 @@ class SlabNetwork:
 
         ``skip0``, when given, is a (1, F, X, Y, Z) buffer for the top level's skip
         connection, which is then stored instead of recomputed. It may be the posterior
-        buffer itself: its rows are read before their posteriors are emitted.
+        buffer itself: its rows are read before their posteriors are emitted. ``x`` may be a
+        :class:`BuiltInput` (not flipped).
         """
-        model, feats, dtype = self.model, self.feats, self.dtype
+        model, feats, dtype, k = self.model, self.feats, self.dtype, self.skipless
+        if k:
+            skip0 = None  # no top skip connection to keep
         levels = len(model.encoder)
         size = [[s // 2**i for s in x.shape[2:]] for i in range(levels)]
         cross = [s[1] * s[2] for s in size]
         # progress in proportion to each stage's multiply-adds (roughly)
         work = [8.0**-i * feats[i] ** 2 for i in range(levels)]
-        total = 2 * sum(work[:-1]) + work[-1] + (0 if skip0 is not None else work[0])
+        total = 2 * sum(work[:-1]) + work[-1] + (0 if skip0 is not None or k else work[0])
         state = {"done": 0.0}
 
         def advance(amount: float) -> None:
@@ -318,6 +368,7 @@ class SlabNetwork:
             level, n = model.encoder[i], size[i][0]
             if i > 0:
                 stream = self._rebatched(stream, self._rows_for(4 * feats[i], cross[i]))
+            if i >= max(k, 1):
                 skips[i] = torch.empty((1, feats[i], *size[i]), dtype=dtype, device=x.device,
                                        memory_format=self.layout)
             stream = self._conv_stream(stream, n, self.enc[i])
@@ -330,20 +381,31 @@ class SlabNetwork:
         for i in range(levels - 2, 0, -1):  # decoder below the top: output replaces the skip
             level, n, skip = model.decoder[i], size[i][0], skips[i]
             pos = 0
-            # rows of `skip` are read (and copied) by the stream before they are overwritten
-            for f in self._conv_stream(self._slabs(skip, self._rows_for(6 * feats[i], cross[i])),
-                                       n, self.dec[i], low):
+            rows = self._rows_for(6 * feats[i], cross[i])
+            if i < k:  # no skip connection: the output goes to a buffer of its own
+                skip = torch.empty((1, feats[i], *size[i]), dtype=dtype, device=x.device,
+                                   memory_format=self.layout)
+                stream = self._upsampled_stream(low, n, self.dec[i], rows)
+            else:
+                # rows of `skip` are read (and copied) by the stream before they are overwritten
+                stream = self._conv_stream(self._slabs(skip, rows), n, self.dec[i], low)
+            for f in stream:
                 skip[:, :, pos:pos + f.shape[2]] = level.bn(f)
                 pos += f.shape[2]
                 advance(work[i] * f.shape[2] / n)
                 del f
             skips[i], low = None, skip
+            del stream
             self.between_stages()
         # top level: the level-0 skip (stored or recomputed), decode, head, softmax
         n = size[0][0]
         n_out = model.config.out_channels
         rows = self._rows_for(max(6 * feats[0], 4 * n_out), cross[0])
-        if skip0 is not None:
+        top_work = work[0]
+        then = lambda f: self._posteriors_of(f, channels)  # noqa: E731
+        if k:
+            stream = self._upsampled_stream(low, n, self.dec[0], rows, then=then)
+        elif skip0 is not None:
             def stored_skip0() -> Rows:
                 for a in range(0, n, rows):
                     slab = torch.empty((1, feats[0], min(rows, n - a), *size[0][1:]), dtype=dtype,
@@ -353,12 +415,11 @@ class SlabNetwork:
                     del slab
 
             stream = stored_skip0()
-            top_work = work[0]
         else:
             stream = self._conv_stream(self._input_slabs(x, rows, flipped), n, self.enc[0])
             top_work = 2 * work[0]
-        stream = self._conv_stream(stream, n, self.dec[0], low,
-                                   then=lambda f: self._posteriors_of(f, channels))
+        if not k:
+            stream = self._conv_stream(stream, n, self.dec[0], low, then=then)
         pos = 0
         for p in stream:
             emit(pos, pos + p.shape[2], p)
@@ -429,3 +490,96 @@ class SlabNetwork:
         if sigma:
             self._smooth(out, sigma)
         return out.permute(3, 0, 1, 2)
+
+
+class SlabEncoder:
+    """Evaluates SynthSeg 2.0's QC regressor (:class:`~.synthseg2_networks.QualityControlNet`) in
+    streamed slabs of rows, exactly as its ``forward``.
+
+    Each residual level (ReLU conv, conv, plus the level's input or its ReLU conv, ReLU,
+    BatchNorm, 2x2x2 max-pooling with ``ceil_mode``) is two row streams (:meth:`SlabNetwork._stream`):
+    the first carries [ReLU conv, residual] of its rows, the second adds the second conv. The last
+    level's output (14^3 at 224^3) goes through the final convolutions whole, then the mean over space.
+    """
+
+    def __init__(self, net: torch.nn.Module, slab_budget_mb: int = 256, channels_last: bool | None = None):
+        self.net = net.eval()
+        self.budget = slab_budget_mb * 2**20
+        device = next(net.parameters()).device
+        if channels_last is None:
+            channels_last = device.type == "cpu"
+        self.layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+
+        def ready(conv):
+            if conv is None:
+                return None
+            w = conv.weight.detach().float().contiguous(memory_format=self.layout)
+            return w, conv.bias.detach().float(), conv.kernel_size[0] // 2
+
+        self.levels = [(ready(lv.conv0), ready(lv.conv1), ready(lv.expand), lv.bn) for lv in net.levels]
+
+    def _rows_for(self, channels: int, cross_section: int) -> int:
+        rows = max(MIN_ROWS, int(self.budget // max(1, channels * cross_section * 4)))
+        return rows - rows % 2
+
+    def _input_slabs(self, x: torch.Tensor | BuiltInput, rows: int) -> Rows:
+        n = x.shape[2]
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            slab = x.rows(a, b) if isinstance(x, BuiltInput) else x[:, :, a:b]
+            yield slab.float().contiguous(memory_format=self.layout)
+
+    @staticmethod
+    def _pooled(slabs: Rows, n: int) -> Rows:
+        """2x2x2 max-pooling (``ceil_mode``) of an ``n``-row stream; an odd row waits for the next
+        slab, except the volume's last, pooled alone."""
+        carry, seen = None, 0
+        for slab in slabs:
+            seen += slab.shape[2]
+            g = slab if carry is None else torch.cat([carry, slab], 2)
+            del slab
+            odd = g.shape[2] % 2 if seen < n else 0
+            carry = g[:, :, -1:].clone() if odd else None
+            if g.shape[2] > odd:
+                out = [F.max_pool3d(g[:, :, : g.shape[2] - odd], 2, ceil_mode=True)]
+                del g
+                yield out.pop()
+
+    def _level(self, slabs: Rows, n: int, conv0, conv1, expand, bn: torch.nn.Module) -> Rows:
+        (w0, b0, h), (w1, b1, _) = conv0, conv1
+        c = w0.shape[0]
+
+        def first(win: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+            a = F.relu(F.conv3d(win, w0, b0, padding=(0, h, h)), inplace=True)
+            if expand is not None:
+                we, be, he = expand
+                r = F.relu(F.conv3d(win[:, :, h - he: win.shape[2] - (h - he)], we, be, padding=(0, he, he)),
+                           inplace=True)
+            else:
+                r = win[:, :, h: h + hi - lo]
+            return torch.cat([a, r], 1)
+
+        def second(win: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+            y = F.conv3d(win[:, :c], w1, b1, padding=(0, h, h))
+            y += win[:, c:, h: h + hi - lo]
+            return bn(F.relu(y, inplace=True))
+
+        stream = SlabNetwork._stream(slabs, n, h, first)
+        stream = SlabNetwork._stream(stream, n, h, second)
+        return self._pooled(stream, n)
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor | BuiltInput) -> torch.Tensor:
+        """The network's output (1, C) for an input (1, C_in, X, Y, Z), streamed."""
+        size = list(x.shape[2:])
+        stream: Rows | None = None
+        for conv0, conv1, expand, bn in self.levels:
+            c = conv0[0].shape[0]
+            rows = self._rows_for(6 * c, size[1] * size[2])
+            stream = self._input_slabs(x, rows) if stream is None else SlabNetwork._rebatched(stream, rows)
+            stream = self._level(stream, size[0], conv0, conv1, expand, bn)
+            size = [-(-s // 2) for s in size]
+        y = torch.cat(list(stream), 2)
+        net = self.net
+        y = F.relu(net.final1(F.relu(net.final0(y))))
+        return y.mean(dim=(2, 3, 4))

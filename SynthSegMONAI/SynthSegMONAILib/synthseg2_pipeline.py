@@ -26,10 +26,13 @@ smoothed argmax without ``--parc`` but the unsmoothed one with it.
 Geometry: these modes run SynthSeg's own (the network on the whole padded volume, as
 ``--no-auto-crop``): the QC input's placement depends on the padded shape.
 
-Memory: the U-Nets with a skip connection at every level (segmentation, parcellation, the
-robust model's first and last) are streamed in slabs (:class:`~.inference.SlabNetwork`, any
-number of input channels); the robust model's denoiser (no top skip connections) and the QC
-network run on the whole volume: :func:`extra_bytes` estimates what they add. The
+Memory: every network is streamed in slabs of rows. The U-Nets (segmentation, parcellation, the
+robust model's three, its denoiser without top skip connections included) run in
+:class:`~.inference.SlabNetwork`, the QC regressor in :class:`~.inference.SlabEncoder`; the
+inputs built from label maps (the denoiser's and the QC's one-hot, segmenter2's [image, one-hot])
+are made a slab at a time from uint8 maps (:func:`one_hot_input`), and of the robust model's first
+two networks only the argmax maps are kept (:func:`streamed_argmax`). :func:`extra_bytes`
+estimates what the options add. The
 parcellation's 69 posteriors are never stored: until postprocessing only its input's image and
 cortex map wait, then each slab the network emits is smoothed with the rows around it
 (:func:`smoothed_rows`), masked with the final cortex, renormalised, reduced to its argmax and
@@ -51,7 +54,7 @@ import torch
 from torch.nn import functional as F
 
 from .errors import ModelFileError
-from .inference import SlabNetwork, gaussian_kernel_3d
+from .inference import BuiltInput, SlabEncoder, SlabNetwork, gaussian_kernel_3d
 from .labels import PARCELLATION_LABELS, synthseg_labels
 from .memory_estimate import SLAB_FACTOR, check_fits, segmentation_bytes
 from .model_file import load_model
@@ -127,8 +130,8 @@ def robust_model(model: str | os.PathLike | None) -> Path:
 
 
 # -- tensors ----------------------------------------------------------------------------------
-def streamed_softmax(net: SlabNetwork, x: torch.Tensor, progress: Callable[[float], None] | None = None
-                     ) -> torch.Tensor:
+def streamed_softmax(net: SlabNetwork, x: torch.Tensor | BuiltInput,
+                     progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """Softmax (X, Y, Z, C) float32 of a U-Net for an input (1, C_in, X, Y, Z), streamed in slabs
     (exact: a whole-volume pass's values); the top skip connection is kept in the output buffer
     when it fits there."""
@@ -143,7 +146,36 @@ def streamed_softmax(net: SlabNetwork, x: torch.Tensor, progress: Callable[[floa
 
     with torch.no_grad():
         net._pass(x, False, emit, progress, skip0=skip0)
+    net.between_stages()
     return out
+
+
+def streamed_argmax(net: SlabNetwork, x: torch.Tensor | BuiltInput,
+                    progress: Callable[[float], None] | None = None) -> torch.Tensor:
+    """Argmax (X, Y, Z) uint8 of a U-Net's softmax for an input (1, C_in, X, Y, Z), streamed in
+    slabs: the softmax is never stored whole (the top skip connection is recomputed)."""
+    out = torch.empty(x.shape[2:], dtype=torch.uint8, device=x.device)
+
+    def emit(a: int, b: int, p: torch.Tensor) -> None:
+        out[a:b] = p[0].argmax(0)  # first maximum wins, as tf.argmax
+
+    with torch.no_grad():
+        net._pass(x, False, emit, progress)
+    net.between_stages()  # the pass's freed temporaries go back before the next network's buffers
+    return out
+
+
+def one_hot_input(index: torch.Tensor, depth: int, image: torch.Tensor | None = None) -> BuiltInput:
+    """The one-hot (``depth`` channels, float32) of an index map (X, Y, Z), after ``image`` (X, Y, Z)
+    as channel 0 when given, as a :class:`BuiltInput`: built a slab of rows at a time."""
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        x = one_hot(index[a:b], depth)
+        if image is not None:
+            x = torch.cat([image[a:b][..., None], x[0].permute(1, 2, 3, 0)], -1).permute(3, 0, 1, 2)[None]
+        return x
+
+    return BuiltInput(depth + (image is not None), index.shape, rows, index.device)
 
 
 def smoothed_argmax(post_xyzc: torch.Tensor, sigma: float, rows: int = 16) -> torch.Tensor:
@@ -298,17 +330,18 @@ def one_hot(index: torch.Tensor, depth: int) -> torch.Tensor:
     return x.permute(3, 0, 1, 2)[None]
 
 
-def qc_scores_of(qc_net: torch.nn.Module, index: torch.Tensor, labels: Sequence[int],
+def qc_scores_of(qc_net: SlabEncoder | torch.nn.Module, index: torch.Tensor, labels: Sequence[int],
                  target: int | None = None) -> np.ndarray:
     """Raw QC scores (9,) of a padded argmax index map (``MakeShape`` to ``target``, by default
-    :data:`QC_INPUT_SHAPE`; label -> QC group, one-hot, QC network), with a compact input (a uint8
-    group map, a channels-last float32 one-hot)."""
+    :data:`QC_INPUT_SHAPE`; label -> QC group, one-hot, QC network streamed in slabs), with a
+    compact input: a uint8 group map whose one-hot is built a slab of rows at a time."""
+    if not isinstance(qc_net, SlabEncoder):
+        qc_net = SlabEncoder(qc_net)
     crop = qc_crop_to_shape(index, target or QC_INPUT_SHAPE, QC_IGNORED_INDEX)
     lut = torch.tensor([QC_GROUPS.get(int(lab), 0) for lab in labels], dtype=torch.uint8, device=index.device)
-    x = one_hot(lut[crop.to(torch.int64)], len(QC_NAMES))
+    groups = lut[crop.to(torch.int64)]
     del crop
-    with torch.no_grad():
-        return qc_net(x)[0].float().cpu().numpy()
+    return qc_net.scores(one_hot_input(groups, len(QC_NAMES)))[0].float().cpu().numpy()
 
 
 def write_qc_csv(path: Path, rows: Sequence[Sequence[str]]) -> Path:
@@ -317,24 +350,36 @@ def write_qc_csv(path: Path, rows: Sequence[Sequence[str]]) -> Path:
 
 
 # -- memory -----------------------------------------------------------------------------------
-DENOISER_BYTES_PER_VOXEL = 460  #: peak of the robust model's unstreamed denoiser, per padded voxel
-QC_BYTES = 4_000_000_000  #: the QC network at 224^3, measured peak (one-hot input, 3 activations of level 0)
+#: the robust chain, beyond the plain segmentation and its slab temporaries, per padded voxel. Its
+#: denoiser, streamed (:class:`~.inference.SlabNetwork`), peaked 0.72 GiB above its input at 256^3 (2
+#: threads, 256 MB slab budget; unstreamed: 460 B/voxel, 7.7 GiB); the whole ``--robust`` run peaked
+#: 4.65 to 4.77 GiB there (three runs), 1.2 to 1.3 GiB above :func:`segmentation_bytes`, during
+#: segmenter2's top level: this figure is set from those runs
+DENOISER_BYTES_PER_VOXEL = 56
+#: the QC network, streamed (:class:`~.inference.SlabEncoder`), beyond its slab temporaries: its uint8
+#: group map, rows waiting in the streams, the last level whole. At 224^3 (256 MB slab budget) its stage
+#: peaked 0.55 GiB; unstreamed, 4e9 bytes (3.7 GiB)
+QC_BYTES = 64 * 2**20
 
 
 def extra_bytes(padded_shape: Sequence[int], options: Options, slab_budget: int) -> int:
     """Memory the 2.0 options need on top of the plain segmentation's (:func:`segmentation_bytes`),
-    for a padded network input of ``padded_shape``: the robust chain's unstreamed denoiser and the
-    QC network's fixed 224^3 pass, during the network stage; the parcellation after
-    postprocessing, streamed (its posteriors are never stored whole)."""
+    for a padded network input of ``padded_shape``: the robust chain's denoiser and the QC network's
+    fixed 224^3 pass, during the network stage; the parcellation after postprocessing. All are
+    streamed.
+
+    Measured peak RSS (``/usr/bin/time -v``) at 256^3 (hebbianloop T1, 2 threads, random-weight 2.0
+    networks), before and after the denoiser and QC were streamed: ``--robust --parc --qc`` 7.52 ->
+    4.71 GiB (estimate 11.2 -> 4.9 GiB), ``--robust`` 8.00 -> 4.77 GiB, ``--qc`` 5.99 -> 3.67 GiB;
+    outputs identical."""
     v = math.prod(padded_shape)
     robust = qc = parc = 0
     if options.robust:
-        # the denoiser on the whole volume (5x5x5 convolutions, the level-1 output upsampled to 32
-        # channels at full resolution): 450 bytes per voxel measured at 96^3 (CPU, channels-last);
-        # then segmenter2's 6-channel input and the index maps
-        robust = DENOISER_BYTES_PER_VOXEL * v + 4 * 6 * v + 9 * v
+        # the chain's buffers and slabs (measured: DENOISER_BYTES_PER_VOXEL); the denoised argmax
+        # (uint8) waits through segmenter2, whose [image, one-hot] input is built slab by slab
+        robust = DENOISER_BYTES_PER_VOXEL * v + SLAB_FACTOR * slab_budget + v
     if options.qc:
-        qc = QC_BYTES
+        qc = QC_BYTES + SLAB_FACTOR * slab_budget
     if options.parc:
         # with the segmentation's posteriors and postprocessed label map (the segmentation's network
         # pass, whose skip connections and slabs the parcellation network's match, is counted): the
@@ -368,9 +413,9 @@ class SynthSeg2Segmenter(Segmenter):
             self.info = info
             first = robust.segmenter.to(self.device).eval()
             self.robust_first = SlabNetwork(first, slab_budget_mb=self.network.budget // 2**20, dtype=self.dtype)
-            self.denoiser = robust.denoiser.to(self.device).eval()
-            if self.device.type == "cpu":
-                self.denoiser.to(memory_format=torch.channels_last_3d)
+            self.denoiser = SlabNetwork(robust.denoiser.to(self.device), slab_budget_mb=self.network.budget // 2**20,
+                                        dtype=self.dtype)
+            self.robust_first.between_stages = self.denoiser.between_stages = self.network.between_stages
         else:
             super().__init__(model, device, threads, slab_budget_mb, precision=precision,
                              tune_allocator=tune_allocator)
@@ -390,9 +435,10 @@ class SynthSeg2Segmenter(Segmenter):
         if options.qc:
             self.qc_path = Path(qc_model) if qc_model else companion_model(QC_MODEL, model, "--qc")
             net, _ = load_model(self.qc_path, "cpu", role="qc")
-            self.qc_net = net.to(self.device).eval()
+            net = net.to(self.device).eval()
             if self.device.type == "cpu":
-                self.qc_net.to(memory_format=torch.channels_last_3d)
+                net.to(memory_format=torch.channels_last_3d)
+            self.qc_net = SlabEncoder(net, slab_budget_mb=self.network.budget // 2**20)
         self._extra: dict = {}
 
     @property
@@ -480,18 +526,11 @@ class SynthSeg2Segmenter(Segmenter):
 
     def _robust_posteriors(self, volume: torch.Tensor, progress: Callable[[float], None]) -> torch.Tensor:
         """``unet2_prediction`` (C, X, Y, Z) of the robust chain (no flip, no smoothing)."""
-        groups = streamed_softmax(self.robust_first, volume[None, None], lambda f: progress(0.3 * f))
-        g = groups.argmax(-1)
-        del groups
-        with torch.no_grad():
-            denoised = self.denoiser(one_hot(g, DENOISER_GROUPS))
+        g = streamed_argmax(self.robust_first, volume[None, None], lambda f: progress(0.3 * f))
+        d = streamed_argmax(self.denoiser, one_hot_input(g, DENOISER_GROUPS), lambda f: progress(0.3 + 0.2 * f))
         del g
-        d = denoised[0].argmax(0)  # the softmax keeps the argmax
-        del denoised
-        progress(0.5)
-        x = torch.cat([volume[..., None], one_hot(d, DENOISER_GROUPS)[0].permute(1, 2, 3, 0)], -1)
-        del d
-        post = streamed_softmax(self.network, x.permute(3, 0, 1, 2)[None], lambda f: progress(0.5 + 0.5 * f))
+        post = streamed_softmax(self.network, one_hot_input(d, DENOISER_GROUPS, volume),
+                                lambda f: progress(0.5 + 0.5 * f))
         return post.permute(3, 0, 1, 2)
 
     def _label_map(self, post: np.ndarray, index: np.ndarray, prep: _Prepared) -> np.ndarray:

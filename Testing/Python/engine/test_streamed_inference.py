@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from SynthSegMONAILib.inference import SlabNetwork, gaussian_kernel_3d, upsampling_deconv_weights
+from SynthSegMONAILib.inference import BuiltInput, SlabNetwork, gaussian_kernel_3d, upsampling_deconv_weights
 from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
 
 
@@ -89,3 +89,20 @@ def test_progress_rises_to_one():
     assert seen == sorted(seen)
     assert seen[-1] == pytest.approx(1.0)
     assert len(seen) > 10
+
+
+def test_built_input_streams_the_same_values_as_the_stored_input():
+    model = _random_model(UNetConfig(in_channels=2, levels=3, features=4, out_channels=5))
+    torch.manual_seed(3)
+    x = torch.randn(1, 2, 24, 16, 20)
+    built = BuiltInput(2, x.shape[2:], lambda a, b: x[:, :, a:b].clone())
+
+    def run(inp):
+        out = []
+        SlabNetwork(model, slab_budget_mb=0)._pass(inp, False, lambda a, b, p: out.append(p.clone()), None)
+        return torch.cat(out, 2)
+
+    with torch.no_grad():
+        assert torch.equal(run(built), run(x))
+    with pytest.raises(ValueError, match="flip"):
+        next(SlabNetwork(model)._input_slabs(built, 4, True))
