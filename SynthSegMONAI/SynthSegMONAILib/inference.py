@@ -518,9 +518,7 @@ class SlabEncoder:
 
         self.levels = [(ready(lv.conv0), ready(lv.conv1), ready(lv.expand), lv.bn) for lv in net.levels]
 
-    def _rows_for(self, channels: int, cross_section: int) -> int:
-        rows = max(MIN_ROWS, int(self.budget // max(1, channels * cross_section * 4)))
-        return rows - rows % 2
+    _rows_for = SlabNetwork._rows_for  # the same slab thickness for the same budget
 
     def _input_slabs(self, x: torch.Tensor | BuiltInput, rows: int) -> Rows:
         n = x.shape[2]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,29 +265,17 @@ def parcellation_input(image: torch.Tensor, cortex: torch.Tensor) -> torch.Tenso
 
 class ParcellationNetwork(SlabNetwork):
     """The parcellation U-Net, streamed, whose input (:func:`parcellation_input`) is built slab by
-    slab from the padded image and its cortex map: it is never stored whole either."""
-
-    _cortex: torch.Tensor | None = None
+    slab from the padded image and its cortex map (a :class:`~.inference.BuiltInput`): it is never
+    stored whole either."""
 
     def parcellation_pass(self, image: torch.Tensor, cortex: torch.Tensor,
                           emit: Callable[[int, int, torch.Tensor], None],
                           progress: Callable[[float], None] | None = None) -> None:
         """:meth:`SlabNetwork._pass` on [image, not cortex, cortex] of the padded ``image`` and its
         0/1 ``cortex`` map (X, Y, Z)."""
-        self._cortex = cortex
-        try:
-            with torch.no_grad():
-                self._pass(image[None, None], False, emit, progress)
-        finally:
-            self._cortex = None
-
-    def _input_slabs(self, x: torch.Tensor, rows: int, flipped: bool) -> Iterator[torch.Tensor]:
-        if self._cortex is None or flipped:
-            yield from super()._input_slabs(x, rows, flipped)
-            return
-        for a in range(0, x.shape[2], rows):
-            slab = parcellation_input(x[0, 0, a:a + rows], self._cortex[a:a + rows])
-            yield slab.to(self.dtype).contiguous(memory_format=self.layout)
+        x = BuiltInput(3, image.shape, lambda a, b: parcellation_input(image[a:b], cortex[a:b]), image.device)
+        with torch.no_grad():
+            self._pass(x, False, emit, progress)
 
 
 def streamed_parcellation(net: ParcellationNetwork, image: torch.Tensor, cortex_map: torch.Tensor,
