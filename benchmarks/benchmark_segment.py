@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["default", "fast"], choices=("default", "fast"))
     p.add_argument("--precisions", nargs="+", default=None, choices=("float32", "bfloat16"),
                    help="default: float32, and bfloat16 where the CPU has it natively")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: on a GPU, float32 only and no GEMM peak; peak RSS is the host's")
     p.add_argument("--isa", choices=sorted(ISA_CAPS), help="emulate a machine kind by capping the instruction set")
     p.add_argument("--brainchop", help="brainchop's command (in its own environment), run on the same scan")
     p.add_argument("--brainchop-model", default="subcortical")
@@ -240,19 +242,26 @@ def main(argv: list[str] | None = None) -> int:
 
         model = str(import_keras(REFERENCE_H5, work / "model.safetensors"))
     image = Path(args.image) if args.image else synthetic_head(work / "head.nii.gz")
-    native = native_bf16_cpu()
+    on_cpu = args.device == "cpu"
+    native = on_cpu and native_bf16_cpu()
     precisions = args.precisions or (["float32", "bfloat16"] if native else ["float32"])
     if "bfloat16" in precisions and not native:
-        print("bfloat16 skipped: not native on this machine kind")
+        print("bfloat16 skipped: only on a CPU with native bf16")
         precisions = [q for q in precisions if q != "bfloat16"]
     info = read_model_info(model)
     cfg = info.network
-    kind = f"{args.isa} (emulated: {', '.join(f'{k}={v}' for k, v in ISA_CAPS[args.isa].items())})" \
-        if args.isa else torch.backends.cpu.get_cpu_capability() + (" + native bf16" if native else "")
+    if not on_cpu:
+        kind = f"{torch.cuda.get_device_name(torch.device(args.device))} ({args.device})"
+    elif args.isa:
+        kind = f"{args.isa} (emulated: {', '.join(f'{k}={v}' for k, v in ISA_CAPS[args.isa].items())})"
+    else:
+        kind = torch.backends.cpu.get_cpu_capability() + (" + native bf16" if native else "")
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; kind {kind}; threads {args.threads}; "
           f"torch {torch.__version__}; image {image.name} {nib.load(str(image)).shape}", flush=True)
-    peaks = {dt: gemm_peak_gflops(args.threads, env, dt) for dt in precisions}
-    print("GEMM peak: " + ", ".join(f"{dt} {v:.0f} GFLOP/s" for dt, v in peaks.items()), flush=True)
+    peaks = {dt: gemm_peak_gflops(args.threads, env, dt) for dt in precisions} if on_cpu else {}
+    if peaks:
+        print("GEMM peak: " + ", ".join(f"{dt} {v:.0f} GFLOP/s" for dt, v in peaks.items()), flush=True)
+    device_flags = ["--cpu"] if on_cpu else ["--device", args.device]
 
     segmenter = Segmenter(model, device="cpu", threads=args.threads, tune_allocator=False)
     measured: list[Measured] = []
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "flip_averaging", True))
         m.segmentation = work / f"seg_{s.mode}_{s.precision}_{int(s.auto_crop)}.nii.gz"
         cmd = [sys.executable, "-m", "SynthSegMONAILib.cli", "--i", str(image), "--o", str(m.segmentation),
-               "--model", model, "--threads", str(args.threads), "--cpu", "--progress-lines", *s.flags()]
+               "--model", model, "--threads", str(args.threads), *device_flags, "--progress-lines", *s.flags()]
         for k in range(args.runs):
             r = run_measured(cmd, env)
             m.runs.append(r)
@@ -324,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         row += [f"{default.stage('load'):.1f} / {default.stage('preprocess'):.1f} / {net:.1f} / "
                 f"{default.stage('postprocess'):.1f} / {default.stage('write'):.1f} s",
                 f"{max(m.peak_gib for m in measured if m is not reference):.2f} GiB",
-                f"{gflops:.0f} GFLOP/s ({100 * gflops / peaks['float32']:.0f} % of GEMM)"]
+                f"{gflops:.0f} GFLOP/s ({100 * gflops / peaks.get('float32', math.nan):.0f} % of GEMM)"]
     row.append(f"{statistics.median(r['wall'] for r in brainchop):.1f} s" if brainchop else "n/a")
     row.append(f"{reference.median('wall'):.1f} s")
     print("\nREADME row (machine kind | default | default bf16 | fast | fast bf16 | default stages load / preprocess / "

@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="folder for round.json, metrics.csv, snapshot.png, "
                                                        "model.safetensors.partN")
     p.add_argument("--init", default="default",
-                   help="starting model file, 'default' (the shipped default model, else the latest round's "
-                        "model in SynthSegMONAITraining/rounds/, else random weights) or 'none'")
+                   help="starting model file, 'default' (the shipped default model, Resources/Models/"
+                        "synthseg_monai_default.safetensors) or 'none' (random weights)")
     p.add_argument("--label-maps", default=os.environ.get(LABEL_MAPS_ENV, ""),
                    help=f"folder (or glob) of training label maps, or a label-map cache .npz "
                         f"(default: ${LABEL_MAPS_ENV})")

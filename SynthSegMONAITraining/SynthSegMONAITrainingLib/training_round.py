@@ -94,16 +94,10 @@ def lr_at(fraction: float, lr: float, warmup_fraction: float, min_lr_ratio: floa
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-#: the latest round's model, kept for the next round until a default model ships
-LATEST_ROUND_MODEL = Path(__file__).resolve().parents[1] / "rounds" / "latest.safetensors"
-
-
 def default_init_model() -> Path | None:
-    """Where a round starts: the shipped default model, else the latest round's model, else None."""
-    for path in (shipped_model_dir() / f"{DEFAULT_MODEL_NAME}.safetensors", LATEST_ROUND_MODEL):
-        if path.is_file():
-            return path
-    return None
+    """Where a round starts: the shipped default model, else None (random weights)."""
+    path = shipped_model_dir() / f"{DEFAULT_MODEL_NAME}.safetensors"
+    return path if path.is_file() else None
 
 
 def _round_config(opts: RoundOptions, network: dict) -> Config:

@@ -15,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("SYNTHSEG_MONAI_SHARED", REPO.parent / "shared"))
 KERAS_REF = SHARED / "reference" / "keras-synthseg"
+#: the trained default model that ships in the repository
+DEFAULT_MODEL = REPO / "Resources" / "Models" / "synthseg_monai_default.safetensors"
 
 # the Slicer-side packages live beside the engine in the module folders
 for folder in (REPO / "SynthSegMONAI", REPO / "SynthSegMONAITraining"):

@@ -21,7 +21,7 @@ from SynthSegMONAILib.precision import native_bf16_cpu, network_dtype
 
 REPO = Path(__file__).resolve().parents[3]
 COLIN = REPO / "Testing" / "Data" / "sample_t1_colin27.nii.gz"  # a real scan, 181x217x181 at 1 mm
-TRAINED = REPO / "SynthSegMONAITraining" / "rounds" / "latest.safetensors"
+TRAINED = REPO / "Resources" / "Models" / "synthseg_monai_default.safetensors"  # the shipped default
 LABELS = synthseg_labels("2.0")
 
 
@@ -73,44 +73,35 @@ def _seg(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained_model() -> Path:
     """A trained model (a random one labels air at random: agreement would mean nothing)."""
-    if not TRAINED.is_file():
-        pytest.skip(f"no trained model at {TRAINED}")
+    assert TRAINED.is_file(), f"the shipped default model is missing: {TRAINED}"
     return TRAINED
 
 
 @pytest.fixture(scope="module")
-def small_head(tmp_path_factory) -> Path:
-    """A real T1 with head and neck (a shared labelled scan) at half size, 2 mm voxels read as
-    1 mm for a quick run, with air around it as in a 256^3 field of view."""
+def real_head() -> Path:
+    """A real 256^3 T1 with head and neck (a shared labelled scan): mostly air around the head."""
     scan = SHARED / "data" / "eval" / "labelled" / "hebbianloop-sub-01" / "T1.mgz"
     if not scan.is_file():
-        pytest.skip(f"no real scan at {scan}")
-    img = nib.load(str(scan))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    data = data.reshape(128, 2, 128, 2, 128, 2).mean(axis=(1, 3, 5))
-    data = np.pad(data, ((32, 32), (0, 0), (32, 32)))
-    path = tmp_path_factory.mktemp("scans") / "small_head.nii.gz"
-    nib.save(nib.Nifti1Image(data, img.affine), str(path))  # the affine of 1 mm voxels: a half-size head
-    return path
+        pytest.fail(f"no real scan at {scan} (set SYNTHSEG_MONAI_SHARED)")
+    return scan
 
 
 @pytest.mark.slow
-def test_auto_crop_agrees_with_the_whole_volume_on_a_real_scan(trained_model, small_head, tmp_path):
-    """A smoke test: the half-size head is outside what the model was trained on, which makes it
-    touchy (the full-size agreement, >= 99.99 %, is measured by benchmarks/benchmark_segment.py)."""
+def test_auto_crop_agrees_with_the_whole_volume_on_a_real_scan(trained_model, real_head, tmp_path):
+    """The issue's bar: at least 99.9 % of the voxels as SynthSeg's whole-volume run (fast mode
+    here to keep CI quick; the default mode's agreement is measured by benchmarks/benchmark_segment.py)."""
     seg = Segmenter(trained_model, device="cpu", threads=2)
-    whole = seg.network_input_shape(small_head, auto_crop=False)
-    cropped = seg.network_input_shape(small_head)
-    assert np.prod(cropped) < 0.6 * np.prod(whole), (cropped, whole)
+    whole = seg.network_input_shape(real_head, auto_crop=False)
+    cropped = seg.network_input_shape(real_head)
+    assert np.prod(cropped) < 0.7 * np.prod(whole), (cropped, whole)
     assert all(n % 32 == 0 for n in cropped)
-    a = seg.segment(small_head, Outputs(tmp_path / "auto.nii.gz"), fast=True)
-    b = seg.segment(small_head, Outputs(tmp_path / "whole.nii.gz"), fast=True, auto_crop=False)
+    a = seg.segment(real_head, Outputs(tmp_path / "auto.nii.gz"), fast=True)
+    b = seg.segment(real_head, Outputs(tmp_path / "whole.nii.gz"), fast=True, auto_crop=False)
     sa, sb = _seg(tmp_path / "auto.nii.gz"), _seg(tmp_path / "whole.nii.gz")
-    assert sa.shape == sb.shape and len(np.unique(sb)) > 4
-    assert (sa == sb).mean() >= 0.998
-    assert (sa == sb)[sb > 0].mean() >= 0.95
+    assert sa.shape == sb.shape and set(np.unique(sb)) == set(LABELS)
+    assert (sa == sb).mean() >= 0.999
     total_a, total_b = float(a.volume_row[1]), float(b.volume_row[1])  # total intracranial
-    assert abs(total_a - total_b) <= 0.03 * total_b
+    assert abs(total_a - total_b) <= 0.01 * total_b
 
 
 def test_auto_crop_is_off_with_crop_and_on_small_images(small_model, tmp_path):

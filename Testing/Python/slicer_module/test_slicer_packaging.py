@@ -76,6 +76,10 @@ def test_module_cmake_installs_shared_resources_where_the_code_looks():
     assert "../Resources/synthseg_labels.csv|SynthSegMONAILib/resources" in text
     assert "../Resources/requirements.txt|Resources" in text
     assert (REPO / "Resources" / "synthseg_labels.csv").is_file()
+    # the default model, where the engine's model search looks in an installed copy
+    model = "Models/synthseg_monai_default.safetensors"
+    assert f"../Resources/{model}|SynthSegMONAILib/resources/Models" in text
+    assert (REPO / "Resources" / model).is_file()
     assert (REPO / "Resources" / "requirements.txt").is_file()
     # the training module reads its own requirements from the same Resources folder
     training = (REPO / "SynthSegMONAITraining" / "CMakeLists.txt").read_text()

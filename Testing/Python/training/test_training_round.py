@@ -223,16 +223,12 @@ def test_make_label_cache_refuses_a_folder_without_maps(tmp_path):
     assert not (tmp_path / "c.npz").exists()
 
 
-def test_default_start_is_the_shipped_model_then_the_latest_round(tmp_path, monkeypatch):
+def test_default_start_is_the_shipped_model_else_random_weights(tmp_path, monkeypatch):
     from SynthSegMONAITrainingLib import training_round
 
-    shipped, latest = tmp_path / "Models", tmp_path / "rounds" / "latest.safetensors"
+    shipped = tmp_path / "Models"
     shipped.mkdir()
     monkeypatch.setattr(training_round, "shipped_model_dir", lambda: shipped)
-    monkeypatch.setattr(training_round, "LATEST_ROUND_MODEL", latest)
     assert training_round.default_init_model() is None
-    latest.parent.mkdir()
-    latest.write_bytes(b"x")
-    assert training_round.default_init_model() == latest
     (shipped / "synthseg_monai_default.safetensors").write_bytes(b"x")
     assert training_round.default_init_model() == shipped / "synthseg_monai_default.safetensors"

@@ -9,9 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED
+from conftest import DEFAULT_MODEL, SHARED
 
-ROUND_MODEL = REPO / "SynthSegMONAITraining" / "rounds" / "latest.safetensors"
 LABELLED = SHARED / "data" / "eval" / "labelled"
 
 
@@ -40,7 +39,7 @@ def test_real_validation_gives_the_dice_of_the_command_line(real_folder, tmp_pat
     from SynthSegMONAITrainingLib.distributed import DistInfo
     from SynthSegMONAITrainingLib.validation import load_real_cases, validate_real
 
-    model, info = load_model(ROUND_MODEL)
+    model, info = load_model(DEFAULT_MODEL)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cases = load_real_cases(str(real_folder), "T1.nii.gz", "aseg.nii.gz")
@@ -51,7 +50,7 @@ def test_real_validation_gives_the_dice_of_the_command_line(real_folder, tmp_pat
     # what a user does: segment with the model file, then score the result
     seg = tmp_path / "seg.nii.gz"
     assert main(["--i", str(real_folder / "sub-01" / "T1.nii.gz"), "--o", str(seg),
-                 "--model", str(ROUND_MODEL), "--threads", "2"]) == 0
+                 "--model", str(DEFAULT_MODEL), "--threads", "2"]) == 0
     by_cli = evaluate_files(seg, real_folder / "sub-01" / "aseg.nii.gz", "aseg", info.labels)
     cli_dice = {label: d for label, d in by_cli.dice.items() if label in info.labels}
     assert scores["dice"].keys() == cli_dice.keys()
