@@ -89,3 +89,11 @@ def test_the_readme_main_command_segments_the_sample_scan_with_the_default_model
     for name, (left, right) in sides.items():
         if left > 3000:  # structures of 3 cm^3 or more: left and right within 20 %
             assert 0.8 <= left / right <= 1.25, (name, left, right)
+
+
+def test_the_slicer_modules_default_model_choice_is_the_shipped_model(no_user_models):
+    from SynthSegMONAISlicerLib.models import list_models, resolve_model as module_resolve
+
+    path, header = module_resolve("")  # the *Default model* entry of the Model list
+    assert path == DEFAULT_MODEL and header.labels == synthseg_labels("2.0")
+    assert ("synthseg_monai_default", DEFAULT_MODEL) in list_models()
