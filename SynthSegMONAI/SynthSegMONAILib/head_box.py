@@ -3,8 +3,9 @@
 A 256^3 scan is mostly air and neck; the network's cost is proportional to its input's
 volume. Without ``--crop``, SynthSeg pads the normalised RAS volume to multiples of 32 (and
 at least ``min_pad``) and runs the network on all of it. Auto-crop runs it on a block of that
-padded volume instead: the head's bounding box plus a margin, rounded up to multiples of 32
-(never under ``min_pad``), and starting at a multiple of the network's pooling factor in the
+padded volume instead: the head's bounding box plus a margin, rounded up to a multiple of
+the network's own size multiple (2^4 for 5 levels; tighter than SynthSeg's 32, which only
+pads) and never under ``min_pad``, and starting at a multiple of the network's pooling factor in the
 padded volume's coordinates, so that every max-pooling sees the same 2x2x2 blocks as in the
 whole-volume run. Inside the block the network then computes what it computes on the whole
 volume, except for the context it no longer sees beyond the block (air, below the threshold);

@@ -276,7 +276,8 @@ class Segmenter:
             norm = normalise(ras, lo, hi)
             padding = padding_box(norm.shape, min_pad, self._multiple)
             if auto_crop:
-                field = network_field(norm, padding, self._multiple, self.model.config.size_multiple, min_pad[0])
+                m = self.model.config.size_multiple  # the network's own multiple: a tighter block than 32
+                field = network_field(norm, padding, m, m, min_pad[0])
                 box, padding = crop_of_field(norm.shape, padding, field)
                 norm = norm[box]
         padded = np.pad(norm, padding).astype(np.float32)

@@ -92,7 +92,8 @@ def test_the_readme_main_command_segments_the_sample_scan_with_the_default_model
 
 
 def test_the_slicer_modules_default_model_choice_is_the_shipped_model(no_user_models):
-    from SynthSegMONAISlicerLib.models import list_models, resolve_model as module_resolve
+    from SynthSegMONAISlicerLib.models import list_models
+    from SynthSegMONAISlicerLib.models import resolve_model as module_resolve
 
     path, header = module_resolve("")  # the *Default model* entry of the Model list
     assert path == DEFAULT_MODEL and header.labels == synthseg_labels("2.0")
