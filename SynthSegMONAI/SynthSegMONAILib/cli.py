@@ -293,18 +293,29 @@ def run_import_freesurfer(argv: list[str]) -> int:
 
 def run_models(argv: list[str]) -> int:
     """``models``: list installed models and the folders searched."""
-    from .model_registry import HOW_TO_GET_A_MODEL_SHORT, available_models, describe, model_search_paths
+    from .model_registry import (
+        HOW_TO_GET_A_MODEL_SHORT,
+        available_models,
+        describe,
+        model_search_paths,
+        resolve_model,
+    )
 
     argparse.ArgumentParser(prog="synthseg-monai models", description="List installed models.").parse_args(argv)
     print("searched: " + ", ".join(str(p) for p in model_search_paths()))
     if not available_models():
         print("No model is installed.\n" + HOW_TO_GET_A_MODEL_SHORT)
         return 0
+    try:
+        default = resolve_model()  # what runs without --model
+    except SynthSegError:
+        default = None
     for m in available_models():
         try:
             info = describe(m.path)
             what = f"{len(info.labels)} labels" if info.role != "qc" else "9 QC scores"
             role = "" if info.role == "segmentation" else f" ({info.role})"
+            role += " (default: used without --model)" if m.path == default else ""
             print(f"{m.name}\t{what}{role}\t{info.description}\t{m.path}")
         except SynthSegError as e:
             print(f"{m.name}\tINVALID: {e}")

@@ -98,3 +98,11 @@ def test_the_slicer_modules_default_model_choice_is_the_shipped_model(no_user_mo
     path, header = module_resolve("")  # the *Default model* entry of the Model list
     assert path == DEFAULT_MODEL and header.labels == synthseg_labels("2.0")
     assert ("synthseg_monai_default", DEFAULT_MODEL) in list_models()
+
+
+def test_models_marks_the_default_model(no_user_models, capsys):
+    from SynthSegMONAILib.cli import main
+
+    assert main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("synthseg_monai_default\t"))
+    assert "33 labels (default: used without --model)" in line and str(DEFAULT_MODEL) in line
