@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
+from conftest import DEFAULT_MODEL, REPO, SHARED
 
 from SynthSegMONAILib.cli import main
 from SynthSegMONAILib.errors import OptionError
@@ -19,9 +19,7 @@ from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
 from SynthSegMONAILib.pipeline import Outputs, Segmenter
 from SynthSegMONAILib.precision import native_bf16_cpu, network_dtype
 
-REPO = Path(__file__).resolve().parents[3]
 COLIN = REPO / "Testing" / "Data" / "sample_t1_colin27.nii.gz"  # a real scan, 181x217x181 at 1 mm
-TRAINED = REPO / "Resources" / "Models" / "synthseg_monai_default.safetensors"  # the shipped default
 LABELS = synthseg_labels("2.0")
 
 
@@ -73,8 +71,8 @@ def _seg(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained_model() -> Path:
     """A trained model (a random one labels air at random: agreement would mean nothing)."""
-    assert TRAINED.is_file(), f"the shipped default model is missing: {TRAINED}"
-    return TRAINED
+    assert DEFAULT_MODEL.is_file(), f"the shipped default model is missing: {DEFAULT_MODEL}"
+    return DEFAULT_MODEL
 
 
 @pytest.fixture(scope="module")
