@@ -51,6 +51,7 @@ import torch
 from torch.nn import functional as F
 
 from .network import SynthSegUNet
+from .network_weights import ConvWeights, UNetWeights
 
 ProgressFn = Callable[[float], None]
 Rows = Iterator[torch.Tensor]  # successive slabs of a (1, C, X, Y, Z) tensor, rows 0..X in order
@@ -95,9 +96,9 @@ def upsampling_deconv_weights(weight: torch.Tensor) -> torch.Tensor:
 
 
 class SlabNetwork:
-    """Evaluates a :class:`SynthSegUNet` in streamed slabs; see the module docstring. A model with a
-    ``skip_n_concatenations`` attribute (:class:`~.synthseg2_networks.DenoiserUNet`) has no skip
-    connections at that many top levels.
+    """Evaluates a :class:`SynthSegUNet`, or its :class:`~.network_weights.UNetWeights`, in streamed
+    slabs; see the module docstring. A model with a ``skip_n_concatenations`` attribute
+    (:class:`~.synthseg2_networks.DenoiserUNet`) has no skip connections at that many top levels.
 
     ``slab_budget_mb`` bounds the temporaries of one slab (it sets the slab thickness);
     ``channels_last`` runs the convolutions in the channels-last layout, faster on CPUs;
@@ -106,11 +107,15 @@ class SlabNetwork:
     The model's weights are read once, here: build a new one after changing them.
     """
 
-    def __init__(self, model: SynthSegUNet, slab_budget_mb: int = 256, channels_last: bool | None = None,
-                 dtype: torch.dtype = torch.float32, posterior_dtype: torch.dtype | None = None):
+    def __init__(self, model: SynthSegUNet | UNetWeights, slab_budget_mb: int = 256,
+                 channels_last: bool | None = None, dtype: torch.dtype = torch.float32,
+                 posterior_dtype: torch.dtype | None = None):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the network runs in float32 or bfloat16, not {dtype}")
-        self.model = model.eval()
+        if isinstance(model, torch.nn.Module):
+            model = UNetWeights.from_module(model.eval())
+        #: the weights read (the model's tensors, not copies)
+        self.model = model
         self.budget = slab_budget_mb * 2**20
         self.dtype = dtype
         #: the posteriors' storage: float32, or float16 (the default with bfloat16)
@@ -122,32 +127,32 @@ class SlabNetwork:
         self.halo = cfg.kernel_size // 2
         self.feats = cfg.level_features()
         #: the top levels without a skip connection (0: every level has one)
-        self.skipless = min(getattr(model, "skip_n_concatenations", 0), cfg.levels - 1)
-        device = next(model.parameters()).device
+        self.skipless = min(model.skip_n_concatenations, cfg.levels - 1)
+        device = model.device
         if channels_last is None:
             channels_last = device.type == "cpu"
         self.layout = torch.channels_last_3d if channels_last else torch.contiguous_format
         with torch.no_grad():
             # per conv: (weight of its full-resolution input, bias, weight for the upsampled input)
-            self.enc = [[self._weights(c.conv) for c in level.convs] for level in model.encoder]
-            self.dec = [[self._weights(c.conv, split=(0 if i < self.skipless else self.feats[i]) if j == 0 else None)
+            self.enc = [[self._weights(c) for c in level.convs] for level in model.encoder]
+            self.dec = [[self._weights(c, split=(0 if i < self.skipless else self.feats[i]) if j == 0 else None)
                          for j, c in enumerate(level.convs)] for i, level in enumerate(model.decoder)]
             # the top decoder's BatchNorm folded into the 1x1x1 head: one pass over the slab less
             bn, head = model.decoder[0].bn, model.head
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             shift = bn.bias - bn.running_mean * scale
-            w = head.weight.detach()
+            w = head.weight
             self.head_weight = (w * scale.view(1, -1, 1, 1, 1)).contiguous(memory_format=self.layout)
-            self.head_bias = head.bias.detach() + w.flatten(1) @ shift
+            self.head_bias = head.bias + w.flatten(1) @ shift
 
-    def _weights(self, conv, split: int | None = None):
+    def _weights(self, conv: ConvWeights, split: int | None = None):
         """(weight, bias, weight for the upsampled input or None) in the working layout and precision;
         the upsampling weights are summed in float32 before any rounding."""
-        w = conv.weight.detach().float()
+        w = conv.weight.float()
         up = None
         if split is not None:
             w, up = w[:, :split], self._ready(upsampling_deconv_weights(w[:, split:]))
-        return self._ready(w), conv.bias.detach().to(self.dtype), up
+        return self._ready(w), conv.bias.to(self.dtype), up
 
     def _ready(self, w: torch.Tensor) -> torch.Tensor:
         return w.to(self.dtype).contiguous(memory_format=self.layout)
@@ -310,7 +315,7 @@ class SlabNetwork:
             yield out.pop()
 
     @staticmethod
-    def _pooled(slabs: Rows, bn: torch.nn.Module) -> Rows:
+    def _pooled(slabs: Rows, bn: Callable[[torch.Tensor], torch.Tensor]) -> Rows:
         """2x2x2 max-pooling of BatchNorm(slabs); an odd row waits for the next slab."""
         carry = None
         for slab in slabs:
@@ -513,7 +518,7 @@ class SlabEncoder:
         def ready(conv):
             if conv is None:
                 return None
-            w = conv.weight.detach().float().contiguous(memory_format=self.layout)
+            w = conv.weight.float().contiguous(memory_format=self.layout)
             return w, conv.bias.detach().float(), conv.kernel_size[0] // 2
 
         self.levels = [(ready(lv.conv0), ready(lv.conv1), ready(lv.expand), lv.bn) for lv in net.levels]

@@ -39,6 +39,7 @@ from .errors import ModelFileError
 from .labels import check_label_list
 from .memory_estimate import check_fits
 from .network import SynthSegUNet, UNetConfig
+from .network_weights import UNetWeights
 from .output_files import atomic_output
 
 FORMAT_NAME = "synthseg-monai-model"
@@ -359,6 +360,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", role
     state = {k: v.to(torch.float32) for k, v in tensors.items()}
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), info
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"
+                 ) -> tuple[UNetWeights, ModelInfo]:
+    """Load and verify a segmentation model file, as :func:`load_model`, but return the network's
+    tensors (float32, on ``device``) for :class:`~.inference.SlabNetwork` instead of a built network."""
+    path = Path(path)
+    check_role(path, _checked_header(path)[0], "segmentation")
+    info, tensors = _verified_tensors(path, keep=True)  # the segmentation role: a plain U-Net
+    state = {k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()}
+    return UNetWeights.from_state_dict(info.network, state), info
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:

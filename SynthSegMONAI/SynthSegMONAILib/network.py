@@ -13,7 +13,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from monai.networks.blocks import Convolution
 from torch import nn
 from torch.nn import functional as F
 
@@ -119,6 +118,10 @@ class UNetLevel(nn.Module):
     """``convs_per_level`` x (conv + ELU), then BatchNorm (kept apart: it is not on the skip)."""
 
     def __init__(self, in_channels: int, out_channels: int, n_convs: int, kernel_size: int):
+        # imported here: segmenting an image reads the weights without building the network
+        # (:mod:`.network_weights`) and so never pays for MONAI's import
+        from monai.networks.blocks import Convolution
+
         super().__init__()
         self.convs = nn.ModuleList(
             Convolution(

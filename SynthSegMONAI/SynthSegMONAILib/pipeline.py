@@ -32,7 +32,7 @@ from .memory_estimate import (
     gpu_network_bytes,
     segmentation_bytes,
 )
-from .model_file import DEFAULT_PREPROCESSING, ModelInfo, check_preprocessing, load_model
+from .model_file import DEFAULT_PREPROCESSING, ModelInfo, check_preprocessing, load_weights
 from .network import SynthSegUNet
 from .output_files import OutputTransaction, check_output_name
 from .postprocess import postprocess_default, postprocess_fast
@@ -140,7 +140,7 @@ class Segmenter:
             if labels is not None or preprocessing is not None:
                 raise ValueError("labels and preprocessing come from the model file; give them only "
                                  "with an in-memory network")
-            self.model, self.info = load_model(model, self.device)
+            self.model, self.info = load_weights(model, self.device)
         self.load_time = time.perf_counter() - t0
         self.labels = list(self.info.labels)
         self.pre = Preprocessing.from_dict(self.info.preprocessing)
