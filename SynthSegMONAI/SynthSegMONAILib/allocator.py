@@ -10,9 +10,9 @@ slabs differ in size) and once a run is done, so that the peak memory stays that
 
 NumPy marks each large array it allocates for transparent huge pages (``madvise``). With the
 raised threshold those arrays come from the heap, whose addresses the slabs then reuse: every
-page handed back and touched again came back as a 2 MiB page, zeroed whole. That cost 5 to 9 s
-of system time in a 256^3 run (a fifth of ``--fast``'s CPU time in the kernel's page clearing),
-so the tuning turns NumPy's marking off.
+page handed back and touched again came back as a 2 MiB page, zeroed whole. That cost 3.5 to
+9 s of system time in a 256^3 run (18 % of a ``--fast`` run's CPU samples in the kernel's page
+clearing), so the tuning turns NumPy's marking off.
 """
 
 from __future__ import annotations

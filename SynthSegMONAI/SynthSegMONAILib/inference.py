@@ -518,7 +518,7 @@ class SlabEncoder:
         def ready(conv):
             if conv is None:
                 return None
-            w = conv.weight.float().contiguous(memory_format=self.layout)
+            w = conv.weight.detach().float().contiguous(memory_format=self.layout)
             return w, conv.bias.detach().float(), conv.kernel_size[0] // 2
 
         self.levels = [(ready(lv.conv0), ready(lv.conv1), ready(lv.expand), lv.bn) for lv in net.levels]

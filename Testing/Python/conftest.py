@@ -45,6 +45,23 @@ def imported_models(keras_ref, tmp_path_factory) -> dict[str, Path]:
             for v in ("2.0", "1.0")}
 
 
+def random_unet(cfg, seed: int = 0):
+    """A random :class:`SynthSegUNet` in eval mode whose BatchNorms have non-trivial statistics."""
+    import torch
+
+    from SynthSegMONAILib.network import SynthSegUNet
+
+    torch.manual_seed(seed)
+    model = SynthSegUNet(cfg).eval()
+    with torch.no_grad():
+        for level in [*model.encoder, *model.decoder]:
+            level.bn.running_mean.uniform_(-0.2, 0.2)
+            level.bn.running_var.uniform_(0.5, 1.5)
+            level.bn.weight.uniform_(0.5, 1.5)
+            level.bn.bias.uniform_(-0.2, 0.2)
+    return model
+
+
 def make_tiny_model(path: Path, min_pad: int = 32, background_bias: float = 0.0) -> Path:
     """A random 2-level, 4-feature SynthSeg 2.0 model (quick to run; its output means nothing).
 

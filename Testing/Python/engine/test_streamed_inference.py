@@ -5,22 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import random_unet
 from torch.nn import functional as F
 
 from SynthSegMONAILib.inference import BuiltInput, SlabNetwork, gaussian_kernel_3d, upsampling_deconv_weights
 from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
-
-
-def _random_model(cfg: UNetConfig, seed: int = 0) -> SynthSegUNet:
-    torch.manual_seed(seed)
-    model = SynthSegUNet(cfg).eval()
-    with torch.no_grad():
-        for level in [*model.encoder, *model.decoder]:
-            level.bn.running_mean.uniform_(-0.2, 0.2)
-            level.bn.running_var.uniform_(0.5, 1.5)
-            level.bn.weight.uniform_(0.5, 1.5)
-            level.bn.bias.uniform_(-0.2, 0.2)
-    return model
 
 
 def _reference(model: SynthSegUNet, volume: torch.Tensor, sigma: float | None, flip: np.ndarray | None
@@ -48,7 +37,7 @@ def test_upsampling_conv_weights_reproduce_conv_of_upsampled_volume(kernel):
     low = torch.randn(1, 4, 5, 6, 7)
     weight = torch.randn(3, 4, kernel, kernel, kernel)
     expected = F.conv3d(F.interpolate(low, scale_factor=2, mode="nearest"), weight, padding=kernel // 2)
-    model = _random_model(UNetConfig(levels=2, features=4, out_channels=3, kernel_size=kernel))
+    model = random_unet(UNetConfig(levels=2, features=4, out_channels=3, kernel_size=kernel))
     net = SlabNetwork(model)
     w_up = upsampling_deconv_weights(weight).contiguous(memory_format=net.layout)
     assert w_up.shape == (4, 3, kernel + 1, kernel + 1, kernel + 1)
@@ -67,7 +56,7 @@ def test_upsampling_conv_weights_reproduce_conv_of_upsampled_volume(kernel):
     (UNetConfig(levels=2, features=6, out_channels=3), (14, 8, 10)),  # skip0 cannot be kept in the output
 ])
 def test_streamed_slabs_equal_whole_volume(cfg, shape, channels_last):
-    model = _random_model(cfg)
+    model = random_unet(cfg)
     torch.manual_seed(2)
     volume = torch.randn(*shape)
     flip = np.r_[0, np.roll(np.arange(1, cfg.out_channels), 1)]  # any permutation keeping background
@@ -82,7 +71,7 @@ def test_streamed_slabs_equal_whole_volume(cfg, shape, channels_last):
 
 
 def test_progress_rises_to_one():
-    model = _random_model(UNetConfig(levels=3, features=4, out_channels=5))
+    model = random_unet(UNetConfig(levels=3, features=4, out_channels=5))
     seen = []
     SlabNetwork(model, slab_budget_mb=0).posteriors(torch.randn(16, 16, 16), flip_indices=np.arange(5),
                                                     progress=seen.append)
@@ -92,7 +81,7 @@ def test_progress_rises_to_one():
 
 
 def test_built_input_streams_the_same_values_as_the_stored_input():
-    model = _random_model(UNetConfig(in_channels=2, levels=3, features=4, out_channels=5))
+    model = random_unet(UNetConfig(in_channels=2, levels=3, features=4, out_channels=5))
     torch.manual_seed(3)
     x = torch.randn(1, 2, 24, 16, 20)
     built = BuiltInput(2, x.shape[2:], lambda a, b: x[:, :, a:b].clone())
