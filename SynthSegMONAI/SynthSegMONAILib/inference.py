@@ -51,7 +51,7 @@ import torch
 from torch.nn import functional as F
 
 from .network import SynthSegUNet
-from .network_weights import ConvWeights, UNetWeights
+from .network_weights import BatchNormWeights, ConvWeights, UNetWeights
 
 ProgressFn = Callable[[float], None]
 Rows = Iterator[torch.Tensor]  # successive slabs of a (1, C, X, Y, Z) tensor, rows 0..X in order
@@ -123,6 +123,12 @@ class SlabNetwork:
         #: called between the stages of a pass, when the temporaries of the one before are freed
         #: (the pipeline hands freed memory back to the system there: :mod:`.allocator`)
         self.between_stages: Callable[[], None] = lambda: None
+        #: called after each slab (the pipeline bounds the freed memory kept there: :mod:`.allocator`)
+        self.between_slabs: Callable[[], None] = lambda: None
+        #: make the posterior buffer resident when it is allocated (so that memory accounting sees it)
+        self.touch_posteriors = False
+        #: hands back the pages of rows a stage has consumed (:func:`.allocator.discard_pages`)
+        self.discard_pages: Callable[[torch.Tensor], int] = lambda t: 0
         cfg = model.config
         self.halo = cfg.kernel_size // 2
         self.feats = cfg.level_features()
@@ -315,19 +321,25 @@ class SlabNetwork:
             yield out.pop()
 
     @staticmethod
-    def _pooled(slabs: Rows, bn: Callable[[torch.Tensor], torch.Tensor]) -> Rows:
-        """2x2x2 max-pooling of BatchNorm(slabs); an odd row waits for the next slab."""
+    def _pooled(slabs: Rows, bn: BatchNormWeights) -> Rows:
+        """2x2x2 max-pooling of BatchNorm(slabs), normalised in place; an odd row waits for the next
+        slab, and is pooled with its first row alone (no copy of the slab)."""
         carry = None
         for slab in slabs:
-            g = bn(slab)
+            g = bn.into(slab, slab)
             del slab
+            parts, start = [], 0
             if carry is not None:
-                g = torch.cat([carry, g], 2)
-            odd = g.shape[2] % 2
+                parts.append(F.max_pool3d(torch.cat([carry, g[:, :, :1]], 2), 2))
+                start = 1
+            odd = (g.shape[2] - start) % 2
+            if g.shape[2] - start > odd:
+                parts.append(F.max_pool3d(g[:, :, start: g.shape[2] - odd], 2))
             carry = g[:, :, -1:].clone() if odd else None
-            if g.shape[2] > odd:
-                out = [F.max_pool3d(g[:, :, : g.shape[2] - odd], 2)]
-                del g
+            del g
+            if parts:
+                out = [parts[0] if len(parts) == 1 else torch.cat(parts, 2)]
+                del parts
                 yield out.pop()
 
     def _bottom(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,6 +348,21 @@ class SlabNetwork:
         for w, bias, _ in self.enc[-1]:
             x = F.elu(F.conv3d(x, w, bias, padding=h), inplace=True)
         return self.model.encoder[-1].bn(x)
+
+    def _consumed_rows(self, low: torch.Tensor) -> Callable[[int], None]:
+        """``consumed(pos)``, called once a decoder level's output rows [0, pos) are out, hands back
+        the rows of its lower level's output ``low`` that no later row reads: a transposed
+        convolution for rows from ``pos`` on reads rows from ``(pos - halo) // 2`` on (one row
+        more is kept, and the level's later convolutions lag behind its first)."""
+        state = {"gone": 0}
+
+        def consumed(pos: int) -> None:
+            keep = min(max((pos - self.halo) // 2 - 1, 0), low.shape[2])
+            if keep > state["gone"]:
+                self.discard_pages(low[:, :, state["gone"]:keep])
+                state["gone"] = keep
+
+        return consumed
 
     # -- one pass --------------------------------------------------------------------
     def _pass(self, x: torch.Tensor | BuiltInput, flipped: bool, emit: Callable[[int, int, torch.Tensor], None],
@@ -362,6 +389,7 @@ class SlabNetwork:
         state = {"done": 0.0}
 
         def advance(amount: float) -> None:
+            self.between_slabs()
             state["done"] += amount
             if progress:
                 progress(min(1.0, state["done"] / total))
@@ -394,9 +422,11 @@ class SlabNetwork:
             else:
                 # rows of `skip` are read (and copied) by the stream before they are overwritten
                 stream = self._conv_stream(self._slabs(skip, rows), n, self.dec[i], low)
+            consumed = self._consumed_rows(low)
             for f in stream:
-                skip[:, :, pos:pos + f.shape[2]] = level.bn(f)
+                level.bn.into(f, skip[:, :, pos:pos + f.shape[2]])
                 pos += f.shape[2]
+                consumed(pos)
                 advance(work[i] * f.shape[2] / n)
                 del f
             skips[i], low = None, skip
@@ -426,9 +456,11 @@ class SlabNetwork:
         if not k:
             stream = self._conv_stream(stream, n, self.dec[0], low, then=then)
         pos = 0
+        consumed = self._consumed_rows(low)
         for p in stream:
             emit(pos, pos + p.shape[2], p)
             pos += p.shape[2]
+            consumed(pos)
             advance(top_work * p.shape[2] / n)
             del p
 
@@ -451,6 +483,7 @@ class SlabNetwork:
             y = F.conv3d(window, w, groups=n_out, padding=(0, h, h))
             out[a:b].copy_(self._rows_xyzc(y))
             del window, y
+            self.between_slabs()
 
     @torch.no_grad()
     def posteriors(self, volume: torch.Tensor, sigma: float | None = 0.5,
@@ -465,7 +498,8 @@ class SlabNetwork:
         n_out = self.model.config.out_channels
         n = volume.shape[0]
         self.between_stages()
-        out = torch.empty((*volume.shape, n_out), dtype=self.posterior_dtype, device=volume.device)
+        make = torch.zeros if self.touch_posteriors else torch.empty
+        out = make((*volume.shape, n_out), dtype=self.posterior_dtype, device=volume.device)
         # the first pass keeps the top level's skip connection in the posterior buffer (as
         # bfloat16 in a float16 buffer: same size), if it fits
         skip0 = None
@@ -494,6 +528,7 @@ class SlabNetwork:
         self.between_stages()
         if sigma:
             self._smooth(out, sigma)
+            self.between_stages()
         return out.permute(3, 0, 1, 2)
 
 

@@ -369,7 +369,11 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu"
     path = Path(path)
     check_role(path, _checked_header(path)[0], "segmentation")
     info, tensors = _verified_tensors(path, keep=True)  # the segmentation role: a plain U-Net
-    state = {k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()}
+    # on the CPU the streamed inference convolves channels-last: kernels laid out so are used as
+    # they are, not copied once more
+    layout = torch.channels_last_3d if torch.device(device).type == "cpu" else torch.contiguous_format
+    state = {k: v.to(device=device, dtype=torch.float32).contiguous(memory_format=layout) if v.dim() == 5
+             else v.to(device=device, dtype=torch.float32) for k, v in tensors.items()}
     return UNetWeights.from_state_dict(info.network, state), info
 
 

@@ -41,6 +41,18 @@ class BatchNormWeights:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The same values as calling it, written into ``out`` (of ``x``'s shape and type; may be
+        ``x`` itself, or rows of a buffer): no temporary of ``x``'s size when both are laid out
+        alike (the kernel walks them as ``x`` is laid out)."""
+        if any(a != b for a, b, n in zip(x.stride(), out.stride(), x.shape) if n > 1):
+            return out.copy_(self(x))
+        empty = x.new_empty(0, dtype=torch.float32)
+        torch.ops.aten.native_batch_norm.out(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                             False, 0.0, self.eps, out=out, save_mean=empty,
+                                             save_invstd=empty.clone())
+        return out
+
 
 @dataclass(frozen=True)
 class LevelWeights:

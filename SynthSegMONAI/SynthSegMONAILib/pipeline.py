@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .allocator import keep_freed_memory, release_freed_memory
+from .allocator import FreedMemoryBound, discard_pages, keep_freed_memory, release_freed_memory
 from .errors import ModelFileError, OptionError, ResourceLimitError
 from .head_box import crop_of_field, network_field
 from .image_header import ImageHeader, read_image_header
@@ -148,7 +148,12 @@ class Segmenter:
                                    dtype=self.dtype)
         self.tune_allocator = tune_allocator and keep_freed_memory()
         if self.tune_allocator:  # freed slabs are reused within a stage, handed back between stages
-            self.network.between_stages = release_freed_memory
+            bound = FreedMemoryBound(allowance=self.network.budget // 2)
+            self.network.between_stages = bound.release
+            if bound.active:  # and handed back within one when too much of them is resident
+                self.network.between_slabs = bound.check
+                self.network.touch_posteriors = True
+                self.network.discard_pages = discard_pages
 
     # ---------------------------------------------------------------------------------------
     def segment(self, input_path: str | os.PathLike, outputs: Outputs, fast: bool = False,
@@ -226,6 +231,8 @@ class Segmenter:
         seg_ras[prep.crop_box] = self._label_map(post, index, prep)
         del index
         row = [subject_name(image.path), *self._volume_values(post, prep, crop)]
+        if outputs.posteriors is None and not (output_grid == "input" and prep.grid is not None):
+            post = None  # the largest buffer, not written: freed before the writing's copies
         lap("postprocess")
         report("writing", STAGES["writing"][0])
         written, present = self._write(image, prep, seg_ras, post, outputs, output_grid)
@@ -369,7 +376,7 @@ class Segmenter:
         full[prep.crop_box] = post
         return full
 
-    def _write(self, image: Image, prep: _Prepared, seg_ras: np.ndarray, post: np.ndarray,
+    def _write(self, image: Image, prep: _Prepared, seg_ras: np.ndarray, post: np.ndarray | None,
                outputs: Outputs, output_grid: str) -> tuple[dict[str, Path], list[int]]:
         """Write the outputs; the files written and the labels present in the segmentation written."""
         header = image.header
@@ -406,9 +413,18 @@ def all_finite(post: torch.Tensor, rows: int = 8) -> bool:
     return all(bool(torch.isfinite(post[:, a:a + rows]).all()) for a in range(0, post.shape[1], rows))
 
 
-def labels_present(seg: np.ndarray) -> list[int]:
-    """The nonzero labels of a label map, ascending (one counting pass, no sort)."""
-    counts = np.bincount(np.asarray(seg).ravel().astype(np.intp, copy=False))
+def labels_present(seg: np.ndarray, rows: int = 16) -> list[int]:
+    """The nonzero labels of a label map, ascending (counted a few rows at a time: no sort, and no
+    whole-volume integer copy)."""
+    seg = np.asarray(seg)
+    counts = np.zeros(1, dtype=np.int64)
+    for a in range(0, max(seg.shape[0], 1), rows):
+        part = np.bincount(seg[a:a + rows].ravel().astype(np.intp, copy=False))
+        if part.size > counts.size:
+            part[:counts.size] += counts
+            counts = part
+        else:
+            counts[:part.size] += part
     return [int(v) for v in np.flatnonzero(counts[1:]) + 1]
 
 

@@ -136,7 +136,8 @@ def streamed_softmax(net: SlabNetwork, x: torch.Tensor | BuiltInput,
     (exact: a whole-volume pass's values); the top skip connection is kept in the output buffer
     when it fits there."""
     n_out = net.model.config.out_channels
-    out = torch.empty((*x.shape[2:], n_out), dtype=torch.float32, device=x.device)
+    make = torch.zeros if net.touch_posteriors else torch.empty  # resident when accounted: see SlabNetwork
+    out = make((*x.shape[2:], n_out), dtype=torch.float32, device=x.device)
     skip0 = None
     if n_out >= net.feats[0] and net.dtype == torch.float32:
         skip0 = out.permute(3, 0, 1, 2)[None, : net.feats[0]]
@@ -403,7 +404,9 @@ class SynthSeg2Segmenter(Segmenter):
             self.robust_first = SlabNetwork(first, slab_budget_mb=self.network.budget // 2**20, dtype=self.dtype)
             self.denoiser = SlabNetwork(robust.denoiser.to(self.device), slab_budget_mb=self.network.budget // 2**20,
                                         dtype=self.dtype)
-            self.robust_first.between_stages = self.denoiser.between_stages = self.network.between_stages
+            for net in (self.robust_first, self.denoiser):
+                net.between_stages, net.between_slabs = self.network.between_stages, self.network.between_slabs
+                net.touch_posteriors, net.discard_pages = self.network.touch_posteriors, self.network.discard_pages
         else:
             super().__init__(model, device, threads, slab_budget_mb, precision=precision,
                              tune_allocator=tune_allocator)
@@ -420,6 +423,9 @@ class SynthSeg2Segmenter(Segmenter):
             self.parc_net = ParcellationNetwork(net.to(self.device), slab_budget_mb=self.network.budget // 2**20,
                                                 dtype=self.dtype)
             self.parc_net.between_stages = self.network.between_stages
+            self.parc_net.between_slabs = self.network.between_slabs
+            self.parc_net.touch_posteriors = self.network.touch_posteriors
+            self.parc_net.discard_pages = self.network.discard_pages
         if options.qc:
             self.qc_path = Path(qc_model) if qc_model else companion_model(QC_MODEL, model, "--qc")
             net, _ = load_model(self.qc_path, "cpu", role="qc")

@@ -9,6 +9,7 @@ import textwrap
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from conftest import DEFAULT_MODEL, REPO, random_unet
 
@@ -38,6 +39,27 @@ def test_batchnorm_weights_normalise_as_torch_batchnorm():
     bn = model.encoder[1].bn
     x = torch.randn(2, bn.num_features, 3, 4, 5)
     assert torch.equal(UNetWeights.from_module(model).encoder[1].bn(x), bn(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batchnorm_into_a_buffer_equals_batchnorm_bit_for_bit(dtype):
+    """In place, into rows of a channels-last buffer, and into a buffer laid out otherwise (where
+    the kernel cannot write straight into it)."""
+    model = random_unet(UNetConfig(levels=3, features=6, out_channels=5), seed=3)
+    bn = UNetWeights.from_module(model).encoder[1].bn
+    cl = torch.channels_last_3d
+    x = (3 * torch.randn(1, bn.weight.numel(), 5, 8, 10)).to(dtype).contiguous(memory_format=cl)
+    expected = bn(x)
+    same = x.clone()
+    assert bn.into(same, same) is same and torch.equal(same, expected)
+    buffer = torch.zeros(1, x.shape[1], 12, 8, 10, dtype=dtype).contiguous(memory_format=cl)
+    bn.into(x, buffer[:, :, 4:9])
+    assert torch.equal(buffer[:, :, 4:9], expected)
+    assert not buffer[:, :, :4].any() and not buffer[:, :, 9:].any()
+    plain = torch.zeros(1, x.shape[1], 12, 8, 10, dtype=dtype)
+    bn.into(x.contiguous(), buffer[:, :, 4:9])  # input laid out otherwise than the buffer
+    bn.into(x, plain[:, :, 4:9])  # and the reverse
+    assert torch.equal(buffer[:, :, 4:9], expected) and torch.equal(plain[:, :, 4:9], expected)
 
 
 def test_load_weights_matches_load_model_on_the_default_model():
