@@ -135,8 +135,8 @@ class FreedMemoryBound:
 
     Resident freed memory is estimated as the growth of the process's anonymous resident memory
     (plus the pages :func:`discard_pages` handed back) beyond what the allocator has handed out
-    (``mallinfo2``: heap chunks in use and mapped chunks, which must then be resident: the callers
-    touch their large buffers when they make them). What the first slab after a release frees is
+    (``mallinfo2``: heap chunks in use and mapped chunks) and was written (large buffers are
+    touched when made, or their unwritten bytes counted by :meth:`untouched`). What the first slab after a release frees is
     its temporaries, which the next slabs reuse; what accumulates beyond them is fragmentation.
 
     :meth:`check` (after each slab) releases when that fragmentation exceeds the allowance while
@@ -150,7 +150,8 @@ class FreedMemoryBound:
         self._libc = _libc()
         self.releases = 0  #: how many times :meth:`check` handed freed memory back
         self._base: int | None = None  # measured from the first release
-        self._settled = False
+        self._working: int | None = None
+        self._untouched = 0
         if self._libc is not None and hasattr(self._libc, "mallinfo2"):
             self._libc.mallinfo2.restype = _MallInfo2
         else:
@@ -167,7 +168,11 @@ class FreedMemoryBound:
         if resident is None or self._libc is None:
             return None
         info = self._libc.mallinfo2()
-        return resident[0], resident[1] + _discarded - info.uordblks - info.hblkhd
+        return resident[0], resident[1] + _discarded + self._untouched - info.uordblks - info.hblkhd
+
+    def untouched(self, delta: int) -> None:
+        """Count ``delta`` more bytes handed out by the allocator but not yet written (so not resident)."""
+        self._untouched += delta
 
     def release(self) -> None:
         """Hand every freed byte back now, and measure from here."""
@@ -176,22 +181,22 @@ class FreedMemoryBound:
         _discarded = 0  # pages discarded in chunks since freed: counted as freed memory until now
         now = self._freed()
         self._base = None if now is None else now[1]
-        self._settled = False  # the next slab's working set is not fragmentation
+        self._working: int | None = None  # the next slab's temporaries, once freed
 
     def check(self) -> None:
-        """Hand freed memory back if more than the allowance of it is resident near the peak."""
+        """Hand freed memory back if more than the allowance of it accumulates near the peak."""
         if self._base is None:
             return
         now = self._freed()
         if now is None:
             return
-        if not self._settled:  # one slab's temporaries, freed: the next slab reuses them
-            self._settled = True
-            self._base = max(self._base, now[1])
+        if self._working is None:  # one slab's temporaries, freed: the next slabs reuse them
+            self._working = max(0, now[1] - self._base)
             return
-        if now[1] - self._base <= self.allowance:
+        if now[1] - self._base - self._working <= self.allowance:
             return
+        # between slabs the process is one slab's temporaries under its peak within a stage
         high = _high_water()
-        if high is not None and now[0] > high - self.allowance:
+        if high is not None and now[0] > high - self._working - self.allowance:
             self.releases += 1
             self.release()

@@ -125,8 +125,12 @@ class SlabNetwork:
         self.between_stages: Callable[[], None] = lambda: None
         #: called after each slab (the pipeline bounds the freed memory kept there: :mod:`.allocator`)
         self.between_slabs: Callable[[], None] = lambda: None
-        #: make the posterior buffer resident when it is allocated (so that memory accounting sees it)
-        self.touch_posteriors = False
+        #: make the posterior buffer resident when it is allocated (so that memory accounting sees
+        #: it: :class:`.allocator.FreedMemoryBound`)
+        self.touch_buffers = False
+        #: told the bytes of skip buffers allocated and not yet written (positive), and of their rows
+        #: as they are written (negative): they become resident only then
+        self.untouched: Callable[[int], None] = lambda delta: None
         #: hands back the pages of rows a stage has consumed (:func:`.allocator.discard_pages`)
         self.discard_pages: Callable[[torch.Tensor], int] = lambda t: 0
         cfg = model.config
@@ -258,6 +262,18 @@ class SlabNetwork:
             buf = buf[:, :, keep - buf_lo:].clone() if end < n else None
             buf_lo, done = keep, end
             yield out.pop()
+
+    def _buffer(self, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
+        """A long-lived buffer (``torch.empty``'s arguments), resident at once if :attr:`touch_buffers`."""
+        t = torch.empty(shape, **kwargs)
+        return t.zero_() if self.touch_buffers else t
+
+    def _skip_buffer(self, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
+        """A skip connection's buffer, left untouched (the encoder writes its rows in order: resident
+        only the rows written so far, which :attr:`untouched` is told)."""
+        t = torch.empty(shape, **kwargs)
+        self.untouched(t.numel() * t.element_size())
+        return t
 
     def _rows_for(self, channels: int, cross_section: int) -> int:
         """Slab thickness whose temporaries (``channels`` per row) fit in the budget."""
@@ -401,12 +417,19 @@ class SlabNetwork:
             level, n = model.encoder[i], size[i][0]
             if i > 0:
                 stream = self._rebatched(stream, self._rows_for(4 * feats[i], cross[i]))
+            row_bytes = 0
             if i >= max(k, 1):
-                skips[i] = torch.empty((1, feats[i], *size[i]), dtype=dtype, device=x.device,
-                                       memory_format=self.layout)
+                skips[i] = self._skip_buffer((1, feats[i], *size[i]), dtype=dtype, device=x.device,
+                                             memory_format=self.layout)
+                row_bytes = skips[i][:, :, :1].numel() * skips[i].element_size()
+
+            def on_rows(rows: int, i=i, n=n, row_bytes=row_bytes) -> None:
+                if row_bytes:
+                    self.untouched(-rows * row_bytes)
+                advance(work[i] * rows / n)
+
             stream = self._conv_stream(stream, n, self.enc[i])
-            stream = self._stored(stream, skips[i] if i > 0 else skip0,
-                                  lambda rows, i=i, n=n: advance(work[i] * rows / n))
+            stream = self._stored(stream, skips[i] if i > 0 else skip0, on_rows)
             stream = self._pooled(stream, level.bn)
         low = self._bottom(torch.cat(list(stream), 2))
         self.between_stages()
@@ -416,7 +439,7 @@ class SlabNetwork:
             pos = 0
             rows = self._rows_for(6 * feats[i], cross[i])
             if i < k:  # no skip connection: the output goes to a buffer of its own
-                skip = torch.empty((1, feats[i], *size[i]), dtype=dtype, device=x.device,
+                skip = self._buffer((1, feats[i], *size[i]), dtype=dtype, device=x.device,
                                    memory_format=self.layout)
                 stream = self._upsampled_stream(low, n, self.dec[i], rows)
             else:
@@ -498,8 +521,7 @@ class SlabNetwork:
         n_out = self.model.config.out_channels
         n = volume.shape[0]
         self.between_stages()
-        make = torch.zeros if self.touch_posteriors else torch.empty
-        out = make((*volume.shape, n_out), dtype=self.posterior_dtype, device=volume.device)
+        out = self._buffer((*volume.shape, n_out), dtype=self.posterior_dtype, device=volume.device)
         # the first pass keeps the top level's skip connection in the posterior buffer (as
         # bfloat16 in a float16 buffer: same size), if it fits
         skip0 = None

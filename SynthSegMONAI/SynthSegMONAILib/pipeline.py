@@ -152,8 +152,9 @@ class Segmenter:
             self.network.between_stages = bound.release
             if bound.active:  # and handed back within one when too much of them is resident
                 self.network.between_slabs = bound.check
-                self.network.touch_posteriors = True
+                self.network.touch_buffers = True
                 self.network.discard_pages = discard_pages
+                self.network.untouched = bound.untouched
 
     # ---------------------------------------------------------------------------------------
     def segment(self, input_path: str | os.PathLike, outputs: Outputs, fast: bool = False,

@@ -136,8 +136,7 @@ def streamed_softmax(net: SlabNetwork, x: torch.Tensor | BuiltInput,
     (exact: a whole-volume pass's values); the top skip connection is kept in the output buffer
     when it fits there."""
     n_out = net.model.config.out_channels
-    make = torch.zeros if net.touch_posteriors else torch.empty  # resident when accounted: see SlabNetwork
-    out = make((*x.shape[2:], n_out), dtype=torch.float32, device=x.device)
+    out = net._buffer((*x.shape[2:], n_out), dtype=torch.float32, device=x.device)
     skip0 = None
     if n_out >= net.feats[0] and net.dtype == torch.float32:
         skip0 = out.permute(3, 0, 1, 2)[None, : net.feats[0]]
@@ -406,7 +405,8 @@ class SynthSeg2Segmenter(Segmenter):
                                         dtype=self.dtype)
             for net in (self.robust_first, self.denoiser):
                 net.between_stages, net.between_slabs = self.network.between_stages, self.network.between_slabs
-                net.touch_posteriors, net.discard_pages = self.network.touch_posteriors, self.network.discard_pages
+                net.touch_buffers, net.discard_pages = self.network.touch_buffers, self.network.discard_pages
+                net.untouched = self.network.untouched
         else:
             super().__init__(model, device, threads, slab_budget_mb, precision=precision,
                              tune_allocator=tune_allocator)
@@ -424,8 +424,9 @@ class SynthSeg2Segmenter(Segmenter):
                                                 dtype=self.dtype)
             self.parc_net.between_stages = self.network.between_stages
             self.parc_net.between_slabs = self.network.between_slabs
-            self.parc_net.touch_posteriors = self.network.touch_posteriors
+            self.parc_net.touch_buffers = self.network.touch_buffers
             self.parc_net.discard_pages = self.network.discard_pages
+            self.parc_net.untouched = self.network.untouched
         if options.qc:
             self.qc_path = Path(qc_model) if qc_model else companion_model(QC_MODEL, model, "--qc")
             net, _ = load_model(self.qc_path, "cpu", role="qc")

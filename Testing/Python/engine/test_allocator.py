@@ -101,10 +101,14 @@ def test_streamed_network_with_the_memory_bound_gives_the_same_posteriors():
     net = SlabNetwork(model, slab_budget_mb=1)
     bound = FreedMemoryBound(allowance=0)
     discarded = []
-    net.between_stages, net.between_slabs, net.touch_posteriors = bound.release, bound.check, True
+    net.between_stages, net.between_slabs, net.touch_buffers = bound.release, bound.check, True
     net.discard_pages = lambda t: discarded.append(discard_pages(t)) or discarded[-1]
+    untouched = []
+    net.untouched = lambda delta: (bound.untouched(delta), untouched.append(bound._untouched))
     assert torch.equal(net.posteriors(x, 0.5, flip), plain)
     assert sum(discarded) > 0  # rows were discarded, and no later row read them
+    # the skip buffers were counted unwritten when made, and every row of them was then written
+    assert max(untouched) > 0 and untouched[-1] == 0
 
 
 def test_segmenting_with_the_allocator_tuning_gives_the_same_outputs(tmp_path):
@@ -115,7 +119,7 @@ def test_segmenting_with_the_allocator_tuning_gives_the_same_outputs(tmp_path):
     results = {}
     for tuned in (False, True):
         seg = Segmenter(model, device="cpu", tune_allocator=tuned)
-        assert seg.network.touch_posteriors is tuned
+        assert seg.network.touch_buffers is tuned
         out = Outputs(segmentation=tmp_path / f"seg{tuned}.nii.gz", posteriors=tmp_path / f"post{tuned}.nii.gz")
         row = seg.segment(image, out).volume_row
         results[tuned] = (np.asarray(nib.load(out.segmentation).dataobj),
