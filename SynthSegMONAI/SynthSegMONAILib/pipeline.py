@@ -150,7 +150,9 @@ class Segmenter:
         if self.tune_allocator:  # freed slabs are reused within a stage, handed back between stages
             bound = FreedMemoryBound(allowance=self.network.budget // 2)
             self.network.between_stages = bound.release
-            if bound.active:  # and handed back within one when too much of them is resident
+            # and handed back within one when fragmentation nears the peak (the network's own
+            # memory only: on a GPU its buffers are not the process's)
+            if bound.active and self.device.type == "cpu":
                 self.network.between_slabs = bound.check
                 self.network.touch_buffers = True
                 self.network.discard_pages = discard_pages
