@@ -136,13 +136,15 @@ class FreedMemoryBound:
     Resident freed memory is estimated as the growth of the process's anonymous resident memory
     (plus the pages :func:`discard_pages` handed back) beyond what the allocator has handed out
     (``mallinfo2``: heap chunks in use and mapped chunks) and was written (large buffers are
-    touched when made, or their unwritten bytes counted by :meth:`untouched`). What the first slab after a release frees is
-    its temporaries, which the next slabs reuse; what accumulates beyond them is fragmentation.
+    touched when made, or their unwritten bytes counted by :meth:`untouched`). What the first
+    slab after a release frees is its temporaries, which the next slabs reuse; what accumulates
+    beyond them is fragmentation.
 
     :meth:`check` (after each slab) releases when that fragmentation exceeds the allowance while
-    the process is within the allowance of its high-water mark (``VmHWM``): elsewhere the freed
-    memory stays, since the next slabs would fault every page of it in again (about 0.1 s of
-    system time per 256 MB). :meth:`release` (between stages) always does.
+    the process is within one slab's temporaries and the allowance of its high-water mark
+    (``VmHWM``): elsewhere the freed memory stays, since the next slabs would fault every page of
+    it in again (about 0.1 s of system time per 256 MB). :meth:`release` (between stages) always
+    does.
     """
 
     def __init__(self, allowance: int = 128 << 20):
@@ -150,7 +152,7 @@ class FreedMemoryBound:
         self._libc = _libc()
         self.releases = 0  #: how many times :meth:`check` handed freed memory back
         self._base: int | None = None  # measured from the first release
-        self._working: int | None = None
+        self._working: int | None = None  # one slab's temporaries, measured after each release
         self._untouched = 0
         if self._libc is not None and hasattr(self._libc, "mallinfo2"):
             self._libc.mallinfo2.restype = _MallInfo2
@@ -181,7 +183,7 @@ class FreedMemoryBound:
         _discarded = 0  # pages discarded in chunks since freed: counted as freed memory until now
         now = self._freed()
         self._base = None if now is None else now[1]
-        self._working: int | None = None  # the next slab's temporaries, once freed
+        self._working = None  # the next slab's temporaries, once freed
 
     def check(self) -> None:
         """Hand freed memory back if more than the allowance of it accumulates near the peak."""

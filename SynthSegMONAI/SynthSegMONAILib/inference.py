@@ -263,6 +263,11 @@ class SlabNetwork:
             buf_lo, done = keep, end
             yield out.pop()
 
+    def share_memory_hooks(self, other: SlabNetwork) -> None:
+        """Take ``other``'s memory handling (the hooks and buffer touching the pipeline set on it)."""
+        for name in ("between_stages", "between_slabs", "touch_buffers", "untouched", "discard_pages"):
+            setattr(self, name, getattr(other, name))
+
     def _buffer(self, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
         """A long-lived buffer (``torch.empty``'s arguments), resident at once if :attr:`touch_buffers`."""
         t = torch.empty(shape, **kwargs)

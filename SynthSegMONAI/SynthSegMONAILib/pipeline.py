@@ -416,18 +416,9 @@ def all_finite(post: torch.Tensor, rows: int = 8) -> bool:
     return all(bool(torch.isfinite(post[:, a:a + rows]).all()) for a in range(0, post.shape[1], rows))
 
 
-def labels_present(seg: np.ndarray, rows: int = 16) -> list[int]:
-    """The nonzero labels of a label map, ascending (counted a few rows at a time: no sort, and no
-    whole-volume integer copy)."""
-    seg = np.asarray(seg)
-    counts = np.zeros(1, dtype=np.int64)
-    for a in range(0, max(seg.shape[0], 1), rows):
-        part = np.bincount(seg[a:a + rows].ravel().astype(np.intp, copy=False))
-        if part.size > counts.size:
-            part[:counts.size] += counts
-            counts = part
-        else:
-            counts[:part.size] += part
+def labels_present(seg: np.ndarray) -> list[int]:
+    """The nonzero labels of a label map, ascending (one counting pass, no sort)."""
+    counts = np.bincount(np.asarray(seg).ravel().astype(np.intp, copy=False))
     return [int(v) for v in np.flatnonzero(counts[1:]) + 1]
 
 

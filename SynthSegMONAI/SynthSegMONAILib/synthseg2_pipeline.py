@@ -403,10 +403,8 @@ class SynthSeg2Segmenter(Segmenter):
             self.robust_first = SlabNetwork(first, slab_budget_mb=self.network.budget // 2**20, dtype=self.dtype)
             self.denoiser = SlabNetwork(robust.denoiser.to(self.device), slab_budget_mb=self.network.budget // 2**20,
                                         dtype=self.dtype)
-            for net in (self.robust_first, self.denoiser):
-                net.between_stages, net.between_slabs = self.network.between_stages, self.network.between_slabs
-                net.touch_buffers, net.discard_pages = self.network.touch_buffers, self.network.discard_pages
-                net.untouched = self.network.untouched
+            self.robust_first.share_memory_hooks(self.network)
+            self.denoiser.share_memory_hooks(self.network)
         else:
             super().__init__(model, device, threads, slab_budget_mb, precision=precision,
                              tune_allocator=tune_allocator)
@@ -422,11 +420,7 @@ class SynthSeg2Segmenter(Segmenter):
             net, _ = load_model(self.parc_path, "cpu", role="parcellation")
             self.parc_net = ParcellationNetwork(net.to(self.device), slab_budget_mb=self.network.budget // 2**20,
                                                 dtype=self.dtype)
-            self.parc_net.between_stages = self.network.between_stages
-            self.parc_net.between_slabs = self.network.between_slabs
-            self.parc_net.touch_buffers = self.network.touch_buffers
-            self.parc_net.discard_pages = self.network.discard_pages
-            self.parc_net.untouched = self.network.untouched
+            self.parc_net.share_memory_hooks(self.network)
         if options.qc:
             self.qc_path = Path(qc_model) if qc_model else companion_model(QC_MODEL, model, "--qc")
             net, _ = load_model(self.qc_path, "cpu", role="qc")
