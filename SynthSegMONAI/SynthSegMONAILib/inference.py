@@ -13,8 +13,14 @@ a whole-volume pass. Only the posteriors, the stored skip connections of the low
 (overwritten in place by their decoder's output) and one slab's temporaries per stage
 are ever in memory: the encoder is a single stream from the input down to the
 bottleneck. The top level's skip connection is kept in the posterior buffer, whose rows
-it leaves just before their posteriors arrive (recomputed in the flip pass, where that
-buffer is full).
+it leaves just before their posteriors arrive.
+
+With flip averaging, the lower levels of both passes run first, then both top levels side by
+side, the flipped pass's from its last rows back (a stream may run either way), so that both
+give the same posterior rows at a time: the posterior buffer fills while the two passes'
+inputs to their top levels are consumed, and is never full beside the second pass's skip
+connections. The first pass keeps its top skip connection in the posterior buffer for as many
+first rows as that allows; the other rows' are recomputed.
 
 The decoder convolutions see ``[skip, upsample(lower)]``; the upsampled half is never
 built: a KxKxK convolution of a x2 nearest-neighbour upsampling equals a stride-2 transposed
@@ -196,15 +202,15 @@ class SlabNetwork:
         y += z[:, :, olo - first: ohi - first]
 
     def _upsampled_stream(self, low: torch.Tensor, n: int, convs, rows: int,
-                          then: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rows:
+                          then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          reverse: bool = False) -> Rows:
         """A decoder level without skip connection as a stream of ``n`` rows: its first conv sees
         the x2 upsampling of ``low`` alone (no input rows to read), the others as usual."""
         (w, bias, w_up), rest = convs[0], convs[1:]
 
         def first() -> Rows:
             shape = (1, w.shape[0], 0, *(2 * s for s in low.shape[3:]))
-            for a in range(0, n, rows):
-                b = min(a + rows, n)
+            for a, b in self._row_ranges(n, rows, reverse):
                 y = torch.zeros(shape[:2] + (b - a,) + shape[3:], dtype=low.dtype, device=low.device
                                 ).contiguous(memory_format=self.layout)
                 self._add_upsampled_conv(y, low, w_up, a, b)
@@ -212,7 +218,7 @@ class SlabNetwork:
                 yield then(y) if then is not None and not rest else y
                 del y
 
-        return self._conv_stream(first(), n, rest, then=then) if rest else first()
+        return self._conv_stream(first(), n, rest, then=then, reverse=reverse) if rest else first()
 
     def _posteriors_of(self, f: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
         """Softmax, in float32, of the head's output for the top decoder's slab ``f`` (channels
@@ -236,32 +242,57 @@ class SlabNetwork:
 
     @staticmethod
     def _stream(slabs: Rows, n: int, halo: int,
-                step: Callable[[torch.Tensor, int, int], torch.Tensor]) -> Rows:
+                step: Callable[[torch.Tensor, int, int], torch.Tensor], reverse: bool = False) -> Rows:
         """Apply a 'same' operator of half-width ``halo`` along the rows of a stream.
 
         ``step(window, olo, ohi)`` gives output rows [olo, ohi) from the input rows
         [olo - halo, ohi + halo), zero rows standing in beyond the volume's borders. Each
         slab is joined to the ``2 * halo`` rows kept from the one before, so no row is
-        computed twice.
+        computed twice. ``reverse``: the slabs come from the last rows to the first (each
+        slab's own rows in order), and so do the output slabs.
         """
-        buf, buf_lo, have, done = None, 0, 0, 0
+        buf, buf_lo, have, done, cap = None, 0, 0, n if reverse else 0, 1
         for slab in slabs:
             have += slab.shape[2]
-            buf = slab if buf is None else torch.cat([buf, slab], 2)
+            cap = max(cap, slab.shape[2])
+            buf = slab if buf is None else torch.cat([slab, buf] if reverse else [buf, slab], 2)
             del slab  # hold no slab longer than needed: memory is the point of streaming
-            end = n if have == n else have - halo
-            if end <= done:
+            if reverse:
+                buf_lo = n - have
+                lo, hi = (0 if have == n else buf_lo + halo), done
+            else:
+                lo, hi = done, (n if have == n else have - halo)
+            if hi <= lo:
                 continue
-            wlo, whi = done - halo, end + halo
-            window = buf[:, :, max(wlo, 0) - buf_lo: min(whi, n) - buf_lo]
-            if wlo < 0 or whi > n:
-                window = F.pad(window, (0, 0, 0, 0, max(0, -wlo), max(0, whi - n)))
-            out = [step(window, done, end)]
-            del window
-            keep = max(end - halo, 0)
-            buf = buf[:, :, keep - buf_lo:].clone() if end < n else None
-            buf_lo, done = keep, end
-            yield out.pop()
+            # no step gives more rows than the largest slab: the rows held back for the last one
+            # come as a slab of their own, so the stream's temporaries never grow at its end
+            chunks = [(a, min(a + cap, hi)) for a in range(lo, hi, cap)]
+            for k, (olo, ohi) in enumerate(reversed(chunks) if reverse else chunks):
+                wlo, whi = olo - halo, ohi + halo
+                window = buf[:, :, max(wlo, 0) - buf_lo: min(whi, n) - buf_lo]
+                if wlo < 0 or whi > n:
+                    window = F.pad(window, (0, 0, 0, 0, max(0, -wlo), max(0, whi - n)))
+                out = [step(window, olo, ohi)]
+                del window
+                if k == len(chunks) - 1:
+                    # keep the rows the next outputs read, copied before the consumer may overwrite
+                    # the input they view (a decoder writes its output over its skip connection)
+                    if reverse:  # rows [lo - halo, lo + halo)
+                        buf = buf[:, :, : min(lo + halo, n) - buf_lo].clone() if lo > 0 else None
+                        done = lo
+                    else:
+                        keep = max(hi - halo, 0)
+                        buf = buf[:, :, keep - buf_lo:].clone() if hi < n else None
+                        buf_lo, done = keep, hi
+                yield out.pop()
+
+    @staticmethod
+    def _row_ranges(n: int, rows: int, reverse: bool = False) -> list[tuple[int, int]]:
+        """[a, b) slabs of ``rows`` rows covering [0, n): from the first row on, or from the last
+        row back (the thinner remainder then comes last, at the volume's start)."""
+        if reverse:
+            return [(max(b - rows, 0), b) for b in range(n, 0, -rows)]
+        return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
     def share_memory_hooks(self, other: SlabNetwork) -> None:
         """Take ``other``'s memory handling (the hooks and buffer touching the pipeline set on it)."""
@@ -287,8 +318,9 @@ class SlabNetwork:
         return rows - rows % 2
 
     def _conv_stream(self, slabs: Rows, n: int, convs, low: torch.Tensor | None = None,
-                     then: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rows:
-        """A level's convolutions as a stream; ``then`` is applied to the last one's slabs."""
+                     then: Callable[[torch.Tensor], torch.Tensor] | None = None, reverse: bool = False) -> Rows:
+        """A level's convolutions as a stream (``reverse``: :meth:`_stream`'s); ``then`` is applied
+        to the last one's slabs."""
         for j, weights in enumerate(convs):
             up = low if j == 0 else None
             last = then if j == len(convs) - 1 else None
@@ -297,17 +329,19 @@ class SlabNetwork:
                 y = self._conv(weights, win, lo, hi, up)
                 return last(y) if last else y
 
-            slabs = self._stream(slabs, n, self.halo, step)
+            slabs = self._stream(slabs, n, self.halo, step, reverse)
         return slabs
 
     # -- stream stages -----------------------------------------------------------------
-    def _input_slabs(self, x: torch.Tensor, rows: int, flipped: bool) -> Rows:
-        """Slabs of ``x``, or of ``x`` flipped along its first axis, in the working layout."""
+    def _input_slabs(self, x: torch.Tensor, rows: int, flipped: bool, reverse: bool = False,
+                     start: int = 0) -> Rows:
+        """Slabs of ``x``, or of ``x`` flipped along its first axis, in the working layout
+        (``reverse``: from the last rows to the first); rows from ``start`` on."""
         n = x.shape[2]
         if isinstance(x, BuiltInput) and flipped:
             raise ValueError("a built input has no flip pass")
-        for a in range(0, n, rows):
-            b = min(a + rows, n)
+        for a, b in self._row_ranges(n - start, rows, reverse):
+            a, b = a + start, b + start
             if isinstance(x, BuiltInput):
                 slab = x.rows(a, b)
             else:
@@ -330,11 +364,12 @@ class SlabNetwork:
             yield torch.cat(pending, 2)
 
     def _stored(self, slabs: Rows, store: torch.Tensor | None, on_rows: Callable[[int], None]) -> Rows:
-        """Pass slabs on, copying them into ``store`` (rows in order) when one is given."""
+        """Pass slabs on, copying them into ``store`` (rows in order, as many as it has) when one is given."""
         pos = 0
         for slab in slabs:
-            if store is not None:
-                store[:, :, pos:pos + slab.shape[2]].copy_(slab)
+            if store is not None and pos < store.shape[2]:
+                k = min(slab.shape[2], store.shape[2] - pos)
+                store[:, :, pos:pos + k].copy_(slab[:, :, :k])
             pos += slab.shape[2]
             on_rows(slab.shape[2])
             out = [slab]
@@ -370,15 +405,23 @@ class SlabNetwork:
             x = F.elu(F.conv3d(x, w, bias, padding=h), inplace=True)
         return self.model.encoder[-1].bn(x)
 
-    def _consumed_rows(self, low: torch.Tensor) -> Callable[[int], None]:
-        """``consumed(pos)``, called once a decoder level's output rows [0, pos) are out, hands back
-        the rows of its lower level's output ``low`` that no later row reads: a transposed
-        convolution for rows from ``pos`` on reads rows from ``(pos - halo) // 2`` on (one row
-        more is kept, and the level's later convolutions lag behind its first)."""
-        state = {"gone": 0}
+    def _consumed_rows(self, low: torch.Tensor, reverse: bool = False) -> Callable[[int], None]:
+        """``consumed(pos)``, called once a decoder level's output rows [0, pos) are out (``reverse``:
+        rows [pos, end)), hands back the rows of its lower level's output ``low`` that no later row
+        reads: a transposed convolution for rows from ``pos`` on reads rows from ``(pos - halo) // 2``
+        on (for rows before ``pos``, rows up to ``(pos - 1 + halo) // 2``); one row more is kept, and
+        the level's later convolutions lag behind its first."""
+        m = low.shape[2]
+        state = {"gone": m if reverse else 0}  # rows [gone, m) handed back (reverse), or [0, gone)
 
         def consumed(pos: int) -> None:
-            keep = min(max((pos - self.halo) // 2 - 1, 0), low.shape[2])
+            if reverse:
+                keep = min(max((pos - 1 + self.halo) // 2 + 2, 0), m)
+                if keep < state["gone"]:
+                    self.discard_pages(low[:, :, keep:state["gone"]])
+                    state["gone"] = keep
+                return
+            keep = min(max((pos - self.halo) // 2 - 1, 0), m)
             if keep > state["gone"]:
                 self.discard_pages(low[:, :, state["gone"]:keep])
                 state["gone"] = keep
@@ -386,6 +429,28 @@ class SlabNetwork:
         return consumed
 
     # -- one pass --------------------------------------------------------------------
+    def _level_work(self) -> list[float]:
+        """Each level's share of a pass's multiply-adds, roughly (for progress)."""
+        return [8.0**-i * f**2 for i, f in enumerate(self.feats)]
+
+    def _pass_work(self, stored_skip0: bool) -> float:
+        """A pass's work in :meth:`_level_work`'s units; the top level's skip connection recomputed
+        unless it is stored (or there is none)."""
+        work = self._level_work()
+        return 2 * sum(work[:-1]) + work[-1] + (0 if stored_skip0 or self.skipless else work[0])
+
+    def _advancer(self, total: float, progress: ProgressFn | None) -> Callable[[float], None]:
+        """``advance(work)``: called after each slab, reports the fraction of ``total`` done."""
+        state = {"done": 0.0}
+
+        def advance(amount: float) -> None:
+            self.between_slabs()
+            state["done"] += amount
+            if progress:
+                progress(min(1.0, state["done"] / total))
+
+        return advance
+
     def _pass(self, x: torch.Tensor | BuiltInput, flipped: bool, emit: Callable[[int, int, torch.Tensor], None],
               progress: ProgressFn | None, skip0: torch.Tensor | None = None,
               channels: torch.Tensor | None = None) -> None:
@@ -398,23 +463,25 @@ class SlabNetwork:
         buffer itself: its rows are read before their posteriors are emitted. ``x`` may be a
         :class:`BuiltInput` (not flipped).
         """
-        model, feats, dtype, k = self.model, self.feats, self.dtype, self.skipless
-        if k:
+        if self.skipless:
             skip0 = None  # no top skip connection to keep
+        advance = self._advancer(self._pass_work(skip0 is not None), progress)
+        low = self._lower(x, flipped, advance, skip0)
+        for a, b, p in self._top(x, flipped, low, channels, advance, skip0):
+            emit(a, b, p)
+            del p
+
+    def _lower(self, x: torch.Tensor | BuiltInput, flipped: bool, advance: Callable[[float], None],
+               skip0: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder and the decoder levels below the top, on ``x`` or on ``x`` flipped along X:
+        returns the output of the level below the top (whose rows the top level consumes).
+
+        ``skip0``: see :meth:`_pass`. ``advance`` is told each slab's work (:meth:`_level_work`)."""
+        model, feats, dtype, k = self.model, self.feats, self.dtype, self.skipless
         levels = len(model.encoder)
         size = [[s // 2**i for s in x.shape[2:]] for i in range(levels)]
         cross = [s[1] * s[2] for s in size]
-        # progress in proportion to each stage's multiply-adds (roughly)
-        work = [8.0**-i * feats[i] ** 2 for i in range(levels)]
-        total = 2 * sum(work[:-1]) + work[-1] + (0 if skip0 is not None or k else work[0])
-        state = {"done": 0.0}
-
-        def advance(amount: float) -> None:
-            self.between_slabs()
-            state["done"] += amount
-            if progress:
-                progress(min(1.0, state["done"] / total))
-
+        work = self._level_work()
         # encoder: one stream from the input down to the bottleneck's input
         skips: list[torch.Tensor | None] = [None] * levels
         stream = self._input_slabs(x, self._rows_for(4 * feats[0], cross[0]), flipped)
@@ -460,37 +527,73 @@ class SlabNetwork:
             skips[i], low = None, skip
             del stream
             self.between_stages()
-        # top level: the level-0 skip (stored or recomputed), decode, head, softmax
-        n = size[0][0]
+        return low
+
+    def _recomputed_skip0(self, x: torch.Tensor, start: int, rows: int) -> Rows:
+        """The top level's skip connection (its encoder convolutions) for rows [start, X) of ``x``,
+        streamed from the rows its convolutions reach back to."""
+        lo = max(start - len(self.enc[0]) * self.halo, 0)
+        stream = self._conv_stream(self._input_slabs(x, rows, False, start=lo), x.shape[2] - lo, self.enc[0])
+        drop = start - lo  # rows computed only for the convolutions' overlap
+        for slab in stream:
+            if drop >= slab.shape[2]:
+                drop -= slab.shape[2]
+                continue
+            out = [slab[:, :, drop:]]
+            drop = 0
+            del slab
+            yield out.pop()
+
+    def _top(self, x: torch.Tensor | BuiltInput, flipped: bool, low: torch.Tensor,
+             channels: torch.Tensor | None, advance: Callable[[float], None],
+             skip0: torch.Tensor | None = None, reverse: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The top level of a pass whose lower levels gave ``low`` (:meth:`_lower`): the level-0
+        skip connection (stored in ``skip0``, or recomputed), decoder, head and softmax, yielding
+        (a, b, posteriors of rows [a, b)) slab by slab, from the first rows (``reverse``: from
+        the last). ``low``'s rows are handed back as they are consumed."""
+        model, feats, dtype, k = self.model, self.feats, self.dtype, self.skipless
+        n = x.shape[2]
+        cross = x.shape[3] * x.shape[4]
         n_out = model.config.out_channels
-        rows = self._rows_for(max(6 * feats[0], 4 * n_out), cross[0])
+        rows = self._rows_for(max(6 * feats[0], 4 * n_out), cross)
+        work = self._level_work()
         top_work = work[0]
         then = lambda f: self._posteriors_of(f, channels)  # noqa: E731
         if k:
-            stream = self._upsampled_stream(low, n, self.dec[0], rows, then=then)
+            stream = self._upsampled_stream(low, n, self.dec[0], rows, then=then, reverse=reverse)
         elif skip0 is not None:
+            if reverse:
+                raise ValueError("a stored top skip connection is read from its first rows")
+            m = skip0.shape[2]  # the rows stored; the others are recomputed
+
             def stored_skip0() -> Rows:
-                for a in range(0, n, rows):
-                    slab = torch.empty((1, feats[0], min(rows, n - a), *size[0][1:]), dtype=dtype,
+                for a, b in self._row_ranges(m, rows):
+                    slab = torch.empty((1, feats[0], b - a, *x.shape[3:]), dtype=dtype,
                                        device=x.device, memory_format=self.layout)
-                    slab.copy_(skip0[:, :, a:a + rows])
+                    slab.copy_(skip0[:, :, a:b])
                     yield slab
                     del slab
+                if m < n:
+                    yield from self._recomputed_skip0(x, m, rows)
 
             stream = stored_skip0()
+            top_work = work[0] * (2 - m / n)
         else:
-            stream = self._conv_stream(self._input_slabs(x, rows, flipped), n, self.enc[0])
+            stream = self._conv_stream(self._input_slabs(x, rows, flipped, reverse), n, self.enc[0],
+                                       reverse=reverse)
             top_work = 2 * work[0]
         if not k:
-            stream = self._conv_stream(stream, n, self.dec[0], low, then=then)
-        pos = 0
-        consumed = self._consumed_rows(low)
+            stream = self._conv_stream(stream, n, self.dec[0], low, then=then, reverse=reverse)
+        pos = n if reverse else 0
+        consumed = self._consumed_rows(low, reverse)
+        del low  # the streams hold it while they read it
         for p in stream:
-            emit(pos, pos + p.shape[2], p)
-            pos += p.shape[2]
-            consumed(pos)
-            advance(top_work * p.shape[2] / n)
+            a, b = (pos - p.shape[2], pos) if reverse else (pos, pos + p.shape[2])
+            pos = a if reverse else b
+            yield a, b, p
             del p
+            consumed(pos)
+            advance(top_work * (b - a) / n)
 
     def _smooth(self, out: torch.Tensor, sigma: float) -> None:
         """SynthSeg's Gaussian smoothing of the (X, Y, Z, C) posteriors, in place, slab by slab
@@ -513,6 +616,61 @@ class SlabNetwork:
             del window, y
             self.between_slabs()
 
+    def _flip_averaged(self, x: torch.Tensor, channels: torch.Tensor, progress: ProgressFn | None) -> torch.Tensor:
+        """The average of the posteriors of ``x`` and of ``x`` flipped along X (flipped back, channels
+        reordered as ``channels``), unsmoothed, in an (X, Y, Z, C) buffer.
+
+        The lower levels of both passes run first; then both top levels run side by side, the
+        flipped one from its last rows back, so that both give the same posterior rows at a time:
+        the posterior buffer fills while both passes' inputs to their top levels are consumed, and
+        is never full beside them. Each row is the first pass's value plus the second's, halved,
+        as in SynthSeg. The first pass keeps its top skip connection in the posterior buffer for as
+        many first rows as leave the second pass's lower levels no higher than that end state
+        (:meth:`_stored_top_rows`); the other rows' are recomputed.
+        """
+        n = x.shape[2]
+        out = torch.empty((*x.shape[2:], self.model.config.out_channels), dtype=self.posterior_dtype,
+                          device=x.device)
+        row_bytes = out[0].numel() * out.element_size()
+        m = self._stored_top_rows(out)
+        skip0 = out[:m].view(self.dtype).permute(3, 0, 1, 2)[None, : self.feats[0]] if m else None
+        if m and self.touch_buffers:
+            out[:m].zero_()
+        self.untouched((n - m) * row_bytes)  # the other rows are written in order, later
+        work = self._level_work()
+        advance = self._advancer(2 * self._pass_work(False) - work[0] * m / n, progress)
+        low = self._lower(x, False, advance, skip0)
+        low_flipped = self._lower(x, True, advance)
+        top = self._top(x, False, low, None, advance, skip0)
+        top_flipped = self._top(x, True, low_flipped, channels, advance, reverse=True)
+        del low, low_flipped, skip0
+        done = 0  # rows [0, done) hold the first pass's posteriors
+        for a, b, p in top_flipped:  # flipped rows [a, b): rows [n - b, n - a), last first
+            while done < n - a:
+                a1, b1, p1 = next(top)
+                out[a1:b1].copy_(self._rows_xyzc(p1))
+                self.untouched(-(max(b1, m) - max(a1, m)) * row_bytes)
+                done = b1
+                del p1
+            rows = self._rows_xyzc(p)
+            for r in range(b - a):
+                out[n - 1 - a - r].add_(rows[r]).mul_(0.5)
+            del p, rows
+        next(top, None)  # every row is out: this runs the first pass's last bookkeeping
+        return out
+
+    def _stored_top_rows(self, out: torch.Tensor) -> int:
+        """How many first rows of the posterior buffer ``out`` (X, Y, Z, C) keep the first pass's top
+        skip connection during a flip-averaged run: the rows resident then, beside the second pass's
+        skip connections and the first pass's output below the top, are at most the whole buffer
+        (0 when the skip connection does not fit in a row, or the model has none there)."""
+        n, n_out = out.shape[0], out.shape[-1]
+        size = torch.empty((), dtype=self.dtype).element_size()
+        if self.skipless or n_out < self.feats[0] or out.element_size() != size:
+            return 0
+        lower = sum(f * 8.0**-i for i, f in enumerate(self.feats[1:-1], 1)) + self.feats[1] / 8
+        return max(0, int(n * (1 - lower / n_out)))
+
     @torch.no_grad()
     def posteriors(self, volume: torch.Tensor, sigma: float | None = 0.5,
                    flip_indices: np.ndarray | None = None, progress: ProgressFn | None = None
@@ -524,34 +682,21 @@ class SlabNetwork:
         """
         x = volume[None, None]
         n_out = self.model.config.out_channels
-        n = volume.shape[0]
         self.between_stages()
-        out = self._buffer((*volume.shape, n_out), dtype=self.posterior_dtype, device=volume.device)
-        # the first pass keeps the top level's skip connection in the posterior buffer (as
-        # bfloat16 in a float16 buffer: same size), if it fits
-        skip0 = None
-        if n_out >= self.feats[0] and out.element_size() == torch.empty((), dtype=self.dtype).element_size():
-            skip0 = out.view(self.dtype).permute(3, 0, 1, 2)[None, : self.feats[0]]
-        passes = 2 if flip_indices is not None else 1
+        if flip_indices is None:
+            out = self._buffer((*volume.shape, n_out), dtype=self.posterior_dtype, device=volume.device)
+            # the pass keeps the top level's skip connection in the posterior buffer (as bfloat16
+            # in a float16 buffer: same size), if it fits
+            skip0 = None
+            if n_out >= self.feats[0] and out.element_size() == torch.empty((), dtype=self.dtype).element_size():
+                skip0 = out.view(self.dtype).permute(3, 0, 1, 2)[None, : self.feats[0]]
 
-        def stage_progress(k):
-            return (lambda f: progress((k + f) / passes)) if progress else None
+            def write_direct(a, b, p):
+                out[a:b].copy_(self._rows_xyzc(p))
 
-        def write_direct(a, b, p):
-            out[a:b].copy_(self._rows_xyzc(p))
-
-        self._pass(x, False, write_direct, stage_progress(0), skip0=skip0)
-        self.between_stages()
-        if flip_indices is not None:
-            idx = torch.as_tensor(np.asarray(flip_indices), device=volume.device)
-
-            def add_flipped(a, b, p):  # rows come flipped, channels already swapped
-                rows = self._rows_xyzc(p)
-                for r in range(b - a):
-                    out[n - 1 - a - r].add_(rows[r])
-
-            self._pass(x, True, add_flipped, stage_progress(1), channels=idx)
-            out *= 0.5
+            self._pass(x, False, write_direct, progress, skip0=skip0)
+        else:
+            out = self._flip_averaged(x, torch.as_tensor(np.asarray(flip_indices), device=volume.device), progress)
         self.between_stages()
         if sigma:
             self._smooth(out, sigma)

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from SynthSegMONAILib.inference import BuiltInput, SlabNetwork, gaussian_kernel_3d, upsampling_deconv_weights
 from SynthSegMONAILib.network import SynthSegUNet, UNetConfig
+from SynthSegMONAILib.synthseg2_networks import DenoiserUNet
 
 
 def _reference(model: SynthSegUNet, volume: torch.Tensor, sigma: float | None, flip: np.ndarray | None
@@ -95,3 +96,38 @@ def test_built_input_streams_the_same_values_as_the_stored_input():
         assert torch.equal(run(built), run(x))
     with pytest.raises(ValueError, match="flip"):
         next(SlabNetwork(model)._input_slabs(built, 4, True))
+
+
+def _one_pass_after_the_other(net: SlabNetwork, volume: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
+    """Flip averaging the plain way: the whole first pass, then the whole flipped pass, averaged."""
+    x, passes = volume[None, None], []
+    for flipped, channels in ((False, None), (True, torch.as_tensor(flip))):
+        rows: list[torch.Tensor] = []
+        net._pass(x, flipped, lambda a, b, p, rows=rows: rows.append(p.clone()), None, channels=channels)
+        passes.append(torch.cat(rows, 2)[0])
+    return (passes[0] + passes[1].flip(1)) * 0.5
+
+
+@pytest.mark.parametrize("model,shape,kept", [
+    (random_unet(UNetConfig(levels=3, features=4, out_channels=5), seed=5), (40, 16, 20), True),
+    (random_unet(UNetConfig(levels=4, features=4, out_channels=6, convs_per_level=1), seed=6), (48, 16, 16), True),
+    (random_unet(UNetConfig(levels=3, features=3, out_channels=4, kernel_size=5, convs_per_level=3), seed=7),
+     (36, 12, 16), True),
+    (random_unet(UNetConfig(levels=2, features=6, out_channels=3), seed=8), (22, 8, 10), False),  # does not fit
+    (DenoiserUNet(UNetConfig(levels=3, features=4, out_channels=5), skip_n_concatenations=2), (32, 16, 12),
+     False),  # no top skip connection
+])
+def test_flip_passes_side_by_side_give_the_same_bits_as_one_after_the_other(model, shape, kept):
+    """The flip-averaged run (lower levels of both passes, then both top levels side by side, the
+    flipped one from its last row back, part of the first's top skip connection kept) computes every
+    row as the plain order does."""
+    torch.manual_seed(9)
+    model.eval()
+    volume = torch.randn(*shape)
+    flip = np.r_[0, np.roll(np.arange(1, model.config.out_channels), 1)]
+    for budget_mb in (0, 1, 64):
+        net = SlabNetwork(model, slab_budget_mb=budget_mb)
+        got = net.posteriors(volume, sigma=None, flip_indices=flip)
+        assert torch.equal(got, _one_pass_after_the_other(net, volume, flip)), budget_mb
+    rows = SlabNetwork(model)._stored_top_rows(torch.empty(shape[0], 1, 1, model.config.out_channels))
+    assert (0 < rows < shape[0]) == kept
