@@ -126,6 +126,10 @@ class SlabNetwork:
         self.dtype = dtype
         #: the posteriors' storage: float32, or float16 (the default with bfloat16)
         self.posterior_dtype = posterior_dtype or (torch.float16 if dtype == torch.bfloat16 else torch.float32)
+        #: flip averaging with both passes' top levels side by side (:meth:`_flip_averaged`), for the
+        #: memory of float32 posteriors; with 16-bit ones (half the buffer) one pass after the other,
+        #: which keeps the whole top skip connection instead of recomputing part of it: faster
+        self.flip_side_by_side = self.posterior_dtype == torch.float32
         #: called between the stages of a pass, when the temporaries of the one before are freed
         #: (the pipeline hands freed memory back to the system there: :mod:`.allocator`)
         self.between_stages: Callable[[], None] = lambda: None
@@ -633,7 +637,7 @@ class SlabNetwork:
                           device=x.device)
         row_bytes = out[0].numel() * out.element_size()
         m = self._stored_top_rows(out)
-        skip0 = out[:m].view(self.dtype).permute(3, 0, 1, 2)[None, : self.feats[0]] if m else None
+        skip0 = self._top_skip_in(out[:m]) if m else None
         if m and self.touch_buffers:
             out[:m].zero_()
         self.untouched((n - m) * row_bytes)  # the other rows are written in order, later
@@ -659,14 +663,48 @@ class SlabNetwork:
         next(top, None)  # every row is out: this runs the first pass's last bookkeeping
         return out
 
+    def _flip_one_after_the_other(self, x: torch.Tensor, channels: torch.Tensor, progress: ProgressFn | None
+                                  ) -> torch.Tensor:
+        """:meth:`_flip_averaged`'s result the plain way: the first pass whole, keeping its whole top
+        skip connection in the posterior buffer, then the flipped pass added to it."""
+        n = x.shape[2]
+        out = self._buffer((*x.shape[2:], self.model.config.out_channels), dtype=self.posterior_dtype,
+                           device=x.device)
+        skip0 = self._top_skip_in(out)
+        work = self._pass_work(skip0 is not None)
+        advance = self._advancer(work + self._pass_work(False), progress)
+        low = self._lower(x, False, advance, skip0)
+        for a, b, p in self._top(x, False, low, None, advance, skip0):
+            out[a:b].copy_(self._rows_xyzc(p))
+            del p
+        del low
+        self.between_stages()
+        low = self._lower(x, True, advance)
+        for a, b, p in self._top(x, True, low, channels, advance):  # flipped rows [a, b)
+            rows = self._rows_xyzc(p)
+            for r in range(b - a):
+                out[n - 1 - a - r].add_(rows[r]).mul_(0.5)
+            del p, rows
+        return out
+
+    def _top_skip_in(self, out: torch.Tensor) -> torch.Tensor | None:
+        """The top level's skip connection (1, F, X, Y, Z) as a view of the rows of the posterior
+        buffer ``out`` (X, Y, Z, C) (bfloat16 in a float16 buffer: the same size), or None if it does
+        not fit in them (or the model has none)."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        if self.skipless or out.shape[-1] < self.feats[0] or out.element_size() != size:
+            return None
+        return out.view(self.dtype).permute(3, 0, 1, 2)[None, : self.feats[0]]
+
     def _stored_top_rows(self, out: torch.Tensor) -> int:
         """How many first rows of the posterior buffer ``out`` (X, Y, Z, C) keep the first pass's top
-        skip connection during a flip-averaged run: the rows resident then, beside the second pass's
-        skip connections and the first pass's output below the top, are at most the whole buffer
-        (0 when the skip connection does not fit in a row, or the model has none there)."""
+        skip connection during a flip-averaged run (0 when it does not fit in a row, or the model has
+        none there): as many as leave the buffers resident while the second pass's lower levels run
+        (those rows, that pass's skip connections, the first pass's output below the top) no larger
+        than the whole posterior buffer, which the top levels' end holds. (With one slab budget more
+        rows, the two stages measured the same peak, a little above this one's.)"""
         n, n_out = out.shape[0], out.shape[-1]
-        size = torch.empty((), dtype=self.dtype).element_size()
-        if self.skipless or n_out < self.feats[0] or out.element_size() != size:
+        if self._top_skip_in(out[:0]) is None:
             return 0
         lower = sum(f * 8.0**-i for i, f in enumerate(self.feats[1:-1], 1)) + self.feats[1] / 8
         return max(0, int(n * (1 - lower / n_out)))
@@ -685,18 +723,17 @@ class SlabNetwork:
         self.between_stages()
         if flip_indices is None:
             out = self._buffer((*volume.shape, n_out), dtype=self.posterior_dtype, device=volume.device)
-            # the pass keeps the top level's skip connection in the posterior buffer (as bfloat16
-            # in a float16 buffer: same size), if it fits
-            skip0 = None
-            if n_out >= self.feats[0] and out.element_size() == torch.empty((), dtype=self.dtype).element_size():
-                skip0 = out.view(self.dtype).permute(3, 0, 1, 2)[None, : self.feats[0]]
+            skip0 = self._top_skip_in(out)
 
             def write_direct(a, b, p):
                 out[a:b].copy_(self._rows_xyzc(p))
 
             self._pass(x, False, write_direct, progress, skip0=skip0)
-        else:
+        elif self.flip_side_by_side:
             out = self._flip_averaged(x, torch.as_tensor(np.asarray(flip_indices), device=volume.device), progress)
+        else:
+            out = self._flip_one_after_the_other(x, torch.as_tensor(np.asarray(flip_indices), device=volume.device),
+                                                 progress)
         self.between_stages()
         if sigma:
             self._smooth(out, sigma)

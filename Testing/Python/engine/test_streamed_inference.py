@@ -127,7 +127,10 @@ def test_flip_passes_side_by_side_give_the_same_bits_as_one_after_the_other(mode
     flip = np.r_[0, np.roll(np.arange(1, model.config.out_channels), 1)]
     for budget_mb in (0, 1, 64):
         net = SlabNetwork(model, slab_budget_mb=budget_mb)
-        got = net.posteriors(volume, sigma=None, flip_indices=flip)
-        assert torch.equal(got, _one_pass_after_the_other(net, volume, flip)), budget_mb
+        assert net.flip_side_by_side  # float32 posteriors
+        expected = _one_pass_after_the_other(net, volume, flip)
+        assert torch.equal(net.posteriors(volume, sigma=None, flip_indices=flip), expected), budget_mb
+        net.flip_side_by_side = False  # as with 16-bit posteriors
+        assert torch.equal(net.posteriors(volume, sigma=None, flip_indices=flip), expected), budget_mb
     rows = SlabNetwork(model)._stored_top_rows(torch.empty(shape[0], 1, 1, model.config.out_channels))
     assert (0 < rows < shape[0]) == kept
