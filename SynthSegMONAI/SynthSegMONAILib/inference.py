@@ -656,10 +656,8 @@ class SlabNetwork:
                 self.untouched(-(max(b1, m) - max(a1, m)) * row_bytes)
                 done = b1
                 del p1
-            rows = self._rows_xyzc(p)
-            for r in range(b - a):
-                out[n - 1 - a - r].add_(rows[r]).mul_(0.5)
-            del p, rows
+            self._add_flipped(out, a, b, p)
+            del p
         next(top, None)  # every row is out: this runs the first pass's last bookkeeping
         return out
 
@@ -667,7 +665,6 @@ class SlabNetwork:
                                   ) -> torch.Tensor:
         """:meth:`_flip_averaged`'s result the plain way: the first pass whole, keeping its whole top
         skip connection in the posterior buffer, then the flipped pass added to it."""
-        n = x.shape[2]
         out = self._buffer((*x.shape[2:], self.model.config.out_channels), dtype=self.posterior_dtype,
                            device=x.device)
         skip0 = self._top_skip_in(out)
@@ -680,12 +677,17 @@ class SlabNetwork:
         del low
         self.between_stages()
         low = self._lower(x, True, advance)
-        for a, b, p in self._top(x, True, low, channels, advance):  # flipped rows [a, b)
-            rows = self._rows_xyzc(p)
-            for r in range(b - a):
-                out[n - 1 - a - r].add_(rows[r]).mul_(0.5)
-            del p, rows
+        for a, b, p in self._top(x, True, low, channels, advance):
+            self._add_flipped(out, a, b, p)
+            del p
         return out
+
+    def _add_flipped(self, out: torch.Tensor, a: int, b: int, p: torch.Tensor) -> None:
+        """Average into ``out``'s rows (which hold the first pass's posteriors) the flipped pass's
+        posteriors ``p`` of its rows [a, b): rows [X - b, X - a) of ``out``, in reverse order."""
+        n, rows = out.shape[0], self._rows_xyzc(p)
+        for r in range(b - a):
+            out[n - 1 - a - r].add_(rows[r]).mul_(0.5)
 
     def _top_skip_in(self, out: torch.Tensor) -> torch.Tensor | None:
         """The top level's skip connection (1, F, X, Y, Z) as a view of the rows of the posterior
