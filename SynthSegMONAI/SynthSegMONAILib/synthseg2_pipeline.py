@@ -137,9 +137,7 @@ def streamed_softmax(net: SlabNetwork, x: torch.Tensor | BuiltInput,
     when it fits there."""
     n_out = net.model.config.out_channels
     out = net._buffer((*x.shape[2:], n_out), dtype=torch.float32, device=x.device)
-    skip0 = None
-    if n_out >= net.feats[0] and net.dtype == torch.float32:
-        skip0 = out.permute(3, 0, 1, 2)[None, : net.feats[0]]
+    skip0 = net._top_skip_in(out)
 
     def emit(a: int, b: int, p: torch.Tensor) -> None:
         out[a:b].copy_(p[0].permute(1, 2, 3, 0))
